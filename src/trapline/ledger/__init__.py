@@ -1,0 +1,1 @@
+"""The ledger: jobs, their per-image states and results, in one SQL database."""

@@ -1,0 +1,334 @@
+"""The task queue on NATS JetStream: one long-lived connection per server process.
+
+Workers never talk to NATS. The server reserves on their behalf with
+``no_wait`` pull requests on a private inbox per call (so concurrent reserves
+never share a subscription and no lingering pull request can capture messages
+after the caller gave up), and acts on receipts by publishing the JetStream
+ACK protocol (``+ACK``, ``-NAK``, ``+WPI``, ``+TERM``) to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api
+
+from trapline.errors import QueueError, QueueUnavailable
+from trapline.queue import naming
+
+log = logging.getLogger(__name__)
+
+_NS = 1_000_000_000
+_PUBLISH_WINDOW = 1000
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message handed out by a reserve: its payload and its receipt."""
+
+    reply_subject: str
+    stream_seq: int
+    delivered: int
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ConsumerStats:
+    delivered: int
+    ack_floor: int
+    num_pending: int
+    num_ack_pending: int
+    num_redelivered: int
+    num_waiting: int
+
+
+class TaskQueue:
+    """JetStream operations the server needs, over one connection."""
+
+    def __init__(
+        self, ack_wait_s: float, max_deliver: int, max_ack_pending: int, installation: str = "local"
+    ) -> None:
+        self.names = naming.QueueNames(installation)
+        self.ack_wait_s = ack_wait_s
+        self.max_deliver = max_deliver
+        self.max_ack_pending = max_ack_pending
+        self._nc: NATS | None = None
+
+    async def connect(self, url: str, timeout_s: float = 5.0) -> None:
+        async def _on_error(exc: Exception) -> None:
+            log.warning("NATS connection error: %s", exc)
+
+        async def _on_disconnect() -> None:
+            log.warning("NATS disconnected; reconnecting")
+
+        async def _on_reconnect() -> None:
+            log.info("NATS reconnected")
+
+        try:
+            self._nc = await nats.connect(
+                url,
+                connect_timeout=timeout_s,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                error_cb=_on_error,
+                disconnected_cb=_on_disconnect,
+                reconnected_cb=_on_reconnect,
+                name="trapline-server",
+            )
+        except Exception as exc:
+            raise QueueUnavailable(f"cannot connect to NATS at {url}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.drain()
+        self._nc = None
+
+    @property
+    def nc(self) -> NATS:
+        if self._nc is None or not self._nc.is_connected:
+            raise QueueUnavailable("task queue temporarily unavailable")
+        return self._nc
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def server_version(self) -> str:
+        return str(self.nc.connected_server_version)
+
+    # -- job queue resources ------------------------------------------------------
+
+    async def create_job_queue(self, job_id: int, generation: int) -> None:
+        """Create (idempotently) the job's stream and durable pull consumer."""
+        js = self.nc.jetstream()
+        stream = self.names.stream(job_id, generation)
+        try:
+            await js.add_stream(
+                name=stream,
+                subjects=[self.names.subject(job_id, generation)],
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                storage=api.StorageType.FILE,
+                duplicate_window=120.0,
+            )
+            await js.add_consumer(
+                stream,
+                durable_name=naming.CONSUMER,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                ack_wait=self.ack_wait_s,
+                max_deliver=self.max_deliver,
+                max_ack_pending=self.max_ack_pending,
+                deliver_policy=api.DeliverPolicy.ALL,
+                filter_subject=self.names.subject(job_id, generation),
+            )
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _queue_error(exc, f"cannot create the queue of job {job_id}") from exc
+
+    async def delete_job_queue(self, job_id: int, generation: int) -> bool:
+        """Delete the job's stream (and with it its consumer). True if it existed."""
+        try:
+            return bool(
+                await self.nc.jetstream().delete_stream(self.names.stream(job_id, generation))
+            )
+        except nats.js.errors.NotFoundError:
+            return False
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _queue_error(exc, f"cannot delete the queue of job {job_id}") from exc
+
+    async def job_queue_exists(self, job_id: int, generation: int) -> bool:
+        try:
+            await self.nc.jetstream().consumer_info(
+                self.names.stream(job_id, generation), naming.CONSUMER
+            )
+            return True
+        except nats.js.errors.NotFoundError:
+            return False
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _queue_error(exc, "cannot look up a job queue") from exc
+
+    async def list_job_streams(self) -> list[tuple[int, int]]:
+        """(job id, generation) of every trapline stream on the server."""
+        try:
+            infos = await self.nc.jetstream().streams_info()
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _queue_error(exc, "cannot list streams") from exc
+        found = []
+        for info in infos:
+            parsed = self.names.parse_stream(info.config.name or "")
+            if parsed:
+                found.append(parsed)
+        return found
+
+    async def consumer_stats(self, job_id: int, generation: int) -> ConsumerStats | None:
+        try:
+            info = await self.nc.jetstream().consumer_info(
+                self.names.stream(job_id, generation), naming.CONSUMER
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _queue_error(exc, "cannot read consumer stats") from exc
+        return ConsumerStats(
+            delivered=info.delivered.stream_seq if info.delivered else 0,
+            ack_floor=info.ack_floor.stream_seq if info.ack_floor else 0,
+            num_pending=info.num_pending or 0,
+            num_ack_pending=info.num_ack_pending or 0,
+            num_redelivered=info.num_redelivered or 0,
+            num_waiting=info.num_waiting or 0,
+        )
+
+    # -- publishing ------------------------------------------------------------------
+
+    async def publish_tasks(
+        self, job_id: int, generation: int, payloads: Sequence[dict[str, Any]]
+    ) -> list[int]:
+        """Publish one message per payload with async acks; returns stream sequences in order.
+
+        Each message carries a ``Nats-Msg-Id`` of job, generation and image, so a
+        publish retried after a lost ack is deduplicated by the stream.
+        """
+        js = self.nc.jetstream()
+        subj = self.names.subject(job_id, generation)
+        stream = self.names.stream(job_id, generation)
+        seqs: list[int] = []
+        try:
+            for start in range(0, len(payloads), _PUBLISH_WINDOW):
+                window = payloads[start : start + _PUBLISH_WINDOW]
+                futures = [
+                    await js.publish_async(
+                        subj,
+                        json.dumps(p, separators=(",", ":")).encode(),
+                        stream=stream,
+                        headers={"Nats-Msg-Id": f"{job_id}:{generation}:{p['image_id']}"},
+                    )
+                    for p in window
+                ]
+                acks = await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
+                seqs.extend(int(a.seq) for a in acks)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _queue_error(exc, f"cannot publish the tasks of job {job_id}") from exc
+        return seqs
+
+    # -- reserving -------------------------------------------------------------------
+
+    async def reserve(
+        self, job_id: int, generation: int, batch: int, wait_s: float
+    ) -> list[Delivery]:
+        """Take up to ``batch`` messages, waiting at most ``wait_s`` for the batch to fill.
+
+        The pull request expires on the server after ``wait_s``, and we read until
+        the batch is full or the server's 404/408 status says the request is over,
+        so no message can be delivered to this inbox after we stop listening.
+        """
+        nc = self.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        api_subject = (
+            f"$JS.API.CONSUMER.MSG.NEXT.{self.names.stream(job_id, generation)}.{naming.CONSUMER}"
+        )
+        request = {"batch": batch, "expires": int(wait_s * _NS)}
+        got: list[Delivery] = []
+        try:
+            await nc.publish(api_subject, json.dumps(request).encode(), reply=inbox)
+            loop = asyncio.get_running_loop()
+            # Past this the server has not answered at all (NATS down or overloaded).
+            give_up = loop.time() + wait_s + 5.0
+            while len(got) < batch:
+                remaining = give_up - loop.time()
+                if remaining <= 0:
+                    raise QueueUnavailable("task queue did not answer the reserve in time")
+                try:
+                    msg = await sub.next_msg(timeout=remaining)
+                except nats.errors.TimeoutError:
+                    continue
+                status = _status(msg)
+                if status is None:
+                    got.append(_delivery(msg))
+                elif status in ("404", "408", "409"):
+                    # 404 no messages / 408 request expired / 409 consumer deleted or
+                    # limits reached: this pull request is over.
+                    break
+        except (TimeoutError, nats.errors.Error, QueueUnavailable) as exc:
+            if got:
+                # Leased but not handed out: give them straight back.
+                with contextlib.suppress(QueueError):
+                    await self.release([d.reply_subject for d in got])
+            raise _queue_error(exc, f"cannot reserve tasks of job {job_id}") from exc
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        return got
+
+    # -- acting on receipts -------------------------------------------------------
+
+    async def ack(self, reply_subjects: Sequence[str]) -> None:
+        await self._publish_all(reply_subjects, b"+ACK")
+
+    async def release(self, reply_subjects: Sequence[str], delay_s: float = 0.0) -> None:
+        body = (
+            b"-NAK"
+            if delay_s <= 0
+            else b"-NAK " + json.dumps({"delay": int(delay_s * _NS)}).encode()
+        )
+        await self._publish_all(reply_subjects, body)
+
+    async def extend(self, reply_subjects: Sequence[str]) -> None:
+        await self._publish_all(reply_subjects, b"+WPI")
+
+    async def term(self, reply_subjects: Sequence[str], reason: str) -> None:
+        # nats-py's msg.term() takes no reason; the protocol does.
+        await self._publish_all(reply_subjects, b"+TERM " + reason.encode()[:200])
+
+    async def _publish_all(self, subjects: Sequence[str], body: bytes) -> None:
+        if not subjects:
+            return
+        nc = self.nc
+        try:
+            for s in subjects:
+                await nc.publish(s, body)
+            await nc.flush(timeout=5)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _queue_error(exc, "cannot reach the task queue") from exc
+
+
+def _status(msg: Msg) -> str | None:
+    if msg.headers and "Status" in msg.headers:
+        return str(msg.headers["Status"])
+    return None
+
+
+def _delivery(msg: Msg) -> Delivery:
+    md = msg.metadata
+    try:
+        payload = json.loads(msg.data)
+    except ValueError:
+        payload = {}
+    return Delivery(
+        reply_subject=msg.reply,
+        stream_seq=int(md.sequence.stream),
+        delivered=int(md.num_delivered),
+        payload=payload,
+    )
+
+
+def _queue_error(exc: BaseException, what: str) -> QueueError:
+    unavailable = (
+        QueueUnavailable,
+        nats.errors.ConnectionClosedError,
+        nats.errors.NoServersError,
+        nats.errors.TimeoutError,
+        asyncio.TimeoutError,
+    )
+    if isinstance(exc, unavailable):
+        return QueueUnavailable(f"{what}: task queue temporarily unavailable ({exc!r})")
+    return QueueError(f"{what}: {exc}")

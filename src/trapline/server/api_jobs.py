@@ -1,0 +1,275 @@
+"""The job API for people, the CLI and the dashboard (PROTOCOL.md §3), and served image files."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse, JSONResponse, Response
+from sqlalchemy import select
+
+from trapline.errors import InvalidRequest, NotFound
+from trapline.ledger.models import (
+    Detection,
+    Job,
+    JobEvent,
+    JobImage,
+    PipelineRow,
+    ProcessingService,
+    Project,
+    utcnow,
+)
+from trapline.server import lifecycle
+from trapline.server.api_worker import load_job
+from trapline.server.auth import Admin, Caller, Ctx, check_project
+from trapline.server.schemas import JobCreateIn
+from trapline.server.views import detection_view, event_view, image_view, job_view
+
+router = APIRouter(prefix="/api/v2", tags=["jobs"])
+
+
+async def _view(ctx: Ctx, job_id: int) -> dict[str, Any]:
+    async with ctx.sessions() as session:
+        job = await session.get(Job, job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return await job_view(session, job)
+
+
+@router.post("/jobs/", status_code=201)
+async def create_job(body: JobCreateIn, ctx: Ctx, caller: Admin) -> dict[str, Any]:
+    check_project(caller, body.project_id)
+    async with ctx.sessions() as session:
+        if await session.get(Project, body.project_id) is None:
+            raise NotFound(f"project {body.project_id} not found")
+    if body.images_dir and body.images:
+        raise InvalidRequest("give either images or images_dir, not both")
+    if body.images_dir:
+        images = await asyncio.to_thread(lifecycle.images_from_dir, body.images_dir)
+    else:
+        images = lifecycle.images_from_urls(body.images)
+    deadline = (
+        utcnow() + timedelta(seconds=body.deadline_seconds) if body.deadline_seconds else None
+    )
+    job_id = await lifecycle.create_job(
+        ctx,
+        name=body.name or f"{body.pipeline} job",
+        project_id=body.project_id,
+        pipeline_slug=body.pipeline,
+        images=images,
+        failure_threshold=body.failure_threshold,
+        images_dir=body.images_dir,
+        deadline_at=deadline,
+        start_now=body.start_now,
+    )
+    return await _view(ctx, job_id)
+
+
+@router.get("/jobs/{job_id}/")
+async def get_job(job_id: int, ctx: Ctx, caller: Caller) -> dict[str, Any]:
+    await load_job(ctx, caller, job_id)
+    return await _view(ctx, job_id)
+
+
+@router.post("/jobs/{job_id}/start/")
+async def start_job(job_id: int, ctx: Ctx, caller: Admin) -> dict[str, Any]:
+    job = await load_job(ctx, caller, job_id)
+    if job.queue_generation == 0:
+        await lifecycle.queue_job(ctx, job_id)
+    return await _view(ctx, job_id)
+
+
+@router.post("/jobs/{job_id}/cancel/")
+async def cancel_job(job_id: int, ctx: Ctx, caller: Admin) -> dict[str, Any]:
+    await load_job(ctx, caller, job_id)
+    await lifecycle.cancel_job(ctx, job_id)
+    return await _view(ctx, job_id)
+
+
+@router.post("/jobs/{job_id}/retry/")
+async def retry_job(job_id: int, ctx: Ctx, caller: Admin) -> dict[str, Any]:
+    await load_job(ctx, caller, job_id)
+    await lifecycle.retry_job(ctx, job_id)
+    return await _view(ctx, job_id)
+
+
+@router.get("/jobs/{job_id}/images/")
+async def list_images(
+    job_id: int,
+    ctx: Ctx,
+    caller: Caller,
+    state: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    await load_job(ctx, caller, job_id)
+    query = select(JobImage).where(JobImage.job_id == job_id)
+    if state:
+        query = query.where(JobImage.state.in_(state.lower().split(",")))
+    async with ctx.sessions() as session:
+        rows = (
+            await session.scalars(query.order_by(JobImage.id).limit(limit).offset(offset))
+        ).all()
+    return {"count": len(rows), "results": [image_view(r) for r in rows]}
+
+
+@router.get("/jobs/{job_id}/images/{image_id:path}/")
+async def show_image(job_id: int, image_id: str, ctx: Ctx, caller: Caller) -> dict[str, Any]:
+    """One image's ledger row, its full history and its detections."""
+    await load_job(ctx, caller, job_id)
+    async with ctx.sessions() as session:
+        row = await session.scalar(
+            select(JobImage).where(JobImage.job_id == job_id, JobImage.image_id == image_id)
+        )
+        if row is None:
+            raise NotFound(f"image {image_id!r} is not in job {job_id}")
+        history = (
+            await session.scalars(
+                select(JobEvent)
+                .where(JobEvent.job_id == job_id, JobEvent.image_id == image_id)
+                .order_by(JobEvent.id)
+            )
+        ).all()
+        dets = (
+            await session.scalars(
+                select(Detection)
+                .where(Detection.job_id == job_id, Detection.image_id == image_id)
+                .order_by(Detection.idx)
+            )
+        ).all()
+    return {
+        **image_view(row),
+        "history": [event_view(e) for e in history],
+        "detections": [detection_view(d) for d in dets],
+    }
+
+
+@router.get("/jobs/{job_id}/logs/")
+async def job_logs(
+    job_id: int,
+    ctx: Ctx,
+    caller: Caller,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> dict[str, Any]:
+    await load_job(ctx, caller, job_id)
+    async with ctx.sessions() as session:
+        rows = (
+            await session.scalars(
+                select(JobEvent)
+                .where(JobEvent.job_id == job_id, JobEvent.image_id.is_(None))
+                .order_by(JobEvent.id.desc())
+                .limit(limit)
+            )
+        ).all()
+    return {"job_id": job_id, "logs": [event_view(e) for e in reversed(rows)]}
+
+
+_CSV_FIELDS = ["image_id", "index", "x1", "y1", "x2", "y2", "algorithm", "label", "score"]
+
+
+@router.get("/jobs/{job_id}/results/", response_model=None)
+async def job_results(
+    job_id: int,
+    ctx: Ctx,
+    caller: Caller,
+    format: str = "json",
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Response | dict[str, Any]:
+    await load_job(ctx, caller, job_id)
+    async with ctx.sessions() as session:
+        dets = (
+            await session.scalars(
+                select(Detection)
+                .where(Detection.job_id == job_id)
+                .order_by(Detection.id)
+                .limit(limit)
+                .offset(offset)
+            )
+        ).all()
+    if format == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=_CSV_FIELDS)
+        writer.writeheader()
+        for d in dets:
+            top = d.classifications[0] if d.classifications else {}
+            scores = top.get("scores") or []
+            writer.writerow(
+                {
+                    "image_id": d.image_id,
+                    "index": d.idx,
+                    "x1": d.x1,
+                    "y1": d.y1,
+                    "x2": d.x2,
+                    "y2": d.y2,
+                    "algorithm": d.algorithm_key,
+                    "label": top.get("classification", ""),
+                    "score": max(scores) if scores else "",
+                }
+            )
+        return Response(out.getvalue(), media_type="text/csv")
+    if format != "json":
+        raise InvalidRequest("format must be json or csv")
+    return {"job_id": job_id, "count": len(dets), "results": [detection_view(d) for d in dets]}
+
+
+@router.get("/pipelines/")
+async def list_pipelines(ctx: Ctx, caller: Caller) -> dict[str, Any]:
+    async with ctx.sessions() as session:
+        pipelines = (await session.scalars(select(PipelineRow).order_by(PipelineRow.slug))).all()
+        services_q = select(ProcessingService).order_by(ProcessingService.id)
+        if caller.project_id is not None:
+            services_q = services_q.where(ProcessingService.project_id == caller.project_id)
+        services = (await session.scalars(services_q)).all()
+    return {
+        "pipelines": [
+            {"slug": p.slug, "name": p.name, "version": p.version, "description": p.description}
+            for p in pipelines
+        ],
+        "processing_services": [
+            {
+                "id": s.id,
+                "name": s.name,
+                "project_id": s.project_id,
+                "pipelines": s.pipelines,
+                "last_seen_at": s.last_seen_at.isoformat().replace("+00:00", "Z"),
+            }
+            for s in services
+        ],
+    }
+
+
+files_router = APIRouter(tags=["files"])
+
+
+@files_router.get("/api/v2/files/{job_id}/{image_id:path}/", response_model=None)
+async def serve_file(
+    job_id: int, image_id: str, ctx: Ctx, expires: int = 0, sig: str = ""
+) -> FileResponse | JSONResponse:
+    """An image of a local-folder job, by signed URL (no token: workers download without one)."""
+    if not ctx.signer.verify(job_id, image_id, expires, sig):
+        return JSONResponse({"detail": "invalid or expired signature"}, status_code=403)
+    async with ctx.sessions() as session:
+        job = await session.get(Job, job_id)
+        row = await session.scalar(
+            select(JobImage).where(JobImage.job_id == job_id, JobImage.image_id == image_id)
+        )
+    if job is None or row is None or not row.path or not job.images_dir:
+        return JSONResponse({"detail": "image not found"}, status_code=404)
+    path = await asyncio.to_thread(_servable, row.path, job.images_dir)
+    if path is None:
+        return JSONResponse({"detail": "image not found"}, status_code=404)
+    return FileResponse(path)
+
+
+def _servable(path: str, images_dir: str) -> Path | None:
+    """The file, if it still exists inside the job's folder (no links out of it)."""
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(Path(images_dir).resolve()) and resolved.is_file():
+        return resolved
+    return None

@@ -1,0 +1,59 @@
+"""Token authentication and role/project checks (FastAPI dependencies)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from trapline.errors import AuthError, Forbidden
+from trapline.ledger.models import Role
+from trapline.ledger.tokens import Principal, lookup
+from trapline.server.context import AppContext
+
+_CACHE_TTL_S = 30.0
+_cache: dict[str, tuple[float, Principal]] = {}
+
+
+def get_ctx(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+
+
+async def principal(request: Request, ctx: Ctx) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() not in ("token", "bearer") or not key.strip():
+        raise AuthError("missing token: send 'Authorization: Token <key>'")
+    key = key.strip()
+    cached = _cache.get(key)
+    now = time.monotonic()
+    if cached and cached[0] > now:
+        return cached[1]
+    async with ctx.sessions() as session:
+        found = await lookup(session, key)
+    if found is None:
+        raise AuthError("unknown token")
+    _cache[key] = (now + _CACHE_TTL_S, found)
+    return found
+
+
+Caller = Annotated[Principal, Depends(principal)]
+
+
+async def admin(caller: Caller) -> Principal:
+    if caller.role != Role.ADMIN:
+        raise Forbidden("this action needs an admin token")
+    return caller
+
+
+Admin = Annotated[Principal, Depends(admin)]
+
+
+def check_project(caller: Principal, project_id: int) -> None:
+    if not caller.can_see(project_id):
+        raise Forbidden(f"token {caller.name!r} has no access to project {project_id}")

@@ -1,0 +1,238 @@
+"""The reconciler: a background task on every server replica, driven by the ledger.
+
+JetStream's max-deliver is lazy on pull consumers (nothing happens after the
+last lease expires until someone pulls), so the ledger's own lease deadlines
+decide outcomes. Every change is a conditional UPDATE on the state it read, so
+several replicas sweeping the same database never do anything twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from datetime import timedelta
+
+from sqlalchemy import exists, select, update
+
+from trapline.errors import QueueError, TraplineError
+from trapline.ledger import events
+from trapline.ledger.models import ImageState, Job, JobImage, JobStatus, utcnow
+from trapline.server import lifecycle
+from trapline.server.context import AppContext
+
+log = logging.getLogger(__name__)
+
+_SWEEP_LIMIT = 2000
+_PENDING_REPAIR_AFTER_S = 60.0
+_QUEUE_CHECK_EVERY = 10  # sweeps between checks that running jobs still have their queue
+
+
+class Reconciler:
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self.sweeps = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="trapline-reconciler")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        interval = self.ctx.settings.reconcile_interval_s
+        while not self._stop.is_set():
+            try:
+                await self.sweep()
+            except TraplineError as exc:
+                log.warning("reconciler sweep incomplete: %s", exc)
+            except Exception:
+                log.exception("reconciler sweep failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=interval)
+
+    async def sweep(self) -> None:
+        """One pass: expired leases, deadlines, finalization, queue repair."""
+        await self.expire_leases()
+        await self.apply_deadlines()
+        await self.finalize_complete()
+        if self.sweeps % _QUEUE_CHECK_EVERY == 0 and self.ctx.queue.connected:
+            await self.repair_queues()
+        self.sweeps += 1
+
+    async def expire_leases(self) -> int:
+        """Leases past their deadline: back to queued, or failed after the last delivery."""
+        ctx = self.ctx
+        now = utcnow()
+        max_deliver = ctx.settings.max_deliver
+        to_term: list[str] = []
+        changed = 0
+        async with ctx.sessions() as session, session.begin():
+            rows = (
+                await session.scalars(
+                    select(JobImage)
+                    .where(JobImage.state == ImageState.RESERVED, JobImage.lease_deadline < now)
+                    .limit(_SWEEP_LIMIT)
+                )
+            ).all()
+            expired: dict[tuple[int, str], list[JobImage]] = defaultdict(list)
+            exhausted: dict[tuple[int, str], list[JobImage]] = defaultdict(list)
+            for row in rows:
+                holder = row.holder_name or row.holder_token or "unknown"
+                if row.holder_id:
+                    holder += f" ({row.holder_id})"
+                last = row.deliveries >= max_deliver
+                values: dict[str, object] = {"lease_deadline": None, "updated_at": now}
+                if last:
+                    values.update(
+                        state=ImageState.FAILED,
+                        reason=f"max deliveries exhausted ({row.deliveries} of {max_deliver}; "
+                        f"last holder {holder})",
+                        failed_at=now,
+                    )
+                else:
+                    values.update(state=ImageState.QUEUED, expiries=row.expiries + 1)
+                won = await session.execute(
+                    update(JobImage)
+                    .where(
+                        JobImage.id == row.id,
+                        JobImage.state == ImageState.RESERVED,
+                        JobImage.deliveries == row.deliveries,
+                        JobImage.lease_deadline == row.lease_deadline,
+                    )
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+                if won.rowcount != 1:  # type: ignore[attr-defined]
+                    continue
+                changed += 1
+                (exhausted if last else expired)[(row.job_id, holder)].append(row)
+                if last and row.receipt:
+                    to_term.append(row.receipt)
+            for (job_id, holder), batch in expired.items():
+                events.record_images(
+                    session,
+                    job_id,
+                    [r.image_id for r in batch],
+                    f"lease expired without a result (holder {holder}, delivery "
+                    f"{batch[0].deliveries} of {max_deliver}); will be redelivered:",
+                    level=logging.WARNING,
+                )
+            for (job_id, holder), batch in exhausted.items():
+                events.record_images(
+                    session,
+                    job_id,
+                    [r.image_id for r in batch],
+                    f"failed: max deliveries exhausted (last holder {holder}):",
+                    level=logging.ERROR,
+                )
+        if to_term:
+            try:
+                await ctx.queue.term(to_term, "max deliveries exhausted")
+            except QueueError as exc:
+                log.warning("could not TERM %d exhausted messages: %s", len(to_term), exc)
+        return changed
+
+    async def apply_deadlines(self) -> None:
+        """Jobs past their optional deadline: what remains fails with ``deadline passed``."""
+        ctx = self.ctx
+        now = utcnow()
+        async with ctx.sessions() as session:
+            job_ids = (
+                await session.scalars(
+                    select(Job.id).where(
+                        Job.status == JobStatus.STARTED,
+                        Job.deadline_at.is_not(None),
+                        Job.deadline_at < now,
+                    )
+                )
+            ).all()
+        for job_id in job_ids:
+            async with ctx.sessions() as session, session.begin():
+                pending = (
+                    await session.scalars(
+                        select(JobImage.image_id).where(
+                            JobImage.job_id == job_id,
+                            JobImage.state.in_([ImageState.QUEUED, ImageState.RESERVED]),
+                        )
+                    )
+                ).all()
+                await session.execute(
+                    update(JobImage)
+                    .where(
+                        JobImage.job_id == job_id,
+                        JobImage.state.in_([ImageState.QUEUED, ImageState.RESERVED]),
+                    )
+                    .values(state=ImageState.FAILED, reason="deadline passed", failed_at=now)
+                )
+                if pending:
+                    events.record_images(
+                        session, job_id, pending, "failed: deadline passed:", level=logging.ERROR
+                    )
+            await lifecycle.finalize_if_complete(ctx, job_id)
+
+    async def finalize_complete(self) -> None:
+        """Safety net: finalize STARTED jobs whose every image has an outcome."""
+        async with self.ctx.sessions() as session:
+            open_images = exists().where(
+                JobImage.job_id == Job.id,
+                JobImage.state.in_([ImageState.QUEUED, ImageState.RESERVED]),
+            )
+            job_ids = (
+                await session.scalars(
+                    select(Job.id).where(Job.status == JobStatus.STARTED, ~open_images)
+                )
+            ).all()
+        for job_id in job_ids:
+            await lifecycle.finalize_if_complete(self.ctx, job_id)
+
+    async def repair_queues(self) -> None:
+        """Delete streams of finished jobs; rebuild running jobs' queues that vanished."""
+        ctx = self.ctx
+        streams = set(await ctx.queue.list_job_streams())
+        now = utcnow()
+        async with ctx.sessions() as session:
+            jobs = (
+                {
+                    j.id: j
+                    for j in (
+                        await session.scalars(
+                            select(Job).where(Job.id.in_({job_id for job_id, _ in streams}))
+                        )
+                    ).all()
+                }
+                if streams
+                else {}
+            )
+            running = (
+                await session.scalars(
+                    select(Job).where(Job.status.in_([JobStatus.STARTED, JobStatus.PENDING]))
+                )
+            ).all()
+        for job_id, gen in streams:
+            job = jobs.get(job_id)
+            stale = job is None or JobStatus(job.status).finished or gen < job.queue_generation
+            if stale:
+                log.info("removing leftover queue %s", ctx.queue.names.stream(job_id, gen))
+                await ctx.queue.delete_job_queue(job_id, gen)
+        for job in running:
+            if job.status == JobStatus.PENDING:
+                queued_at = job.queued_at or job.created_at
+                if now - queued_at < timedelta(seconds=_PENDING_REPAIR_AFTER_S):
+                    continue
+            elif (job.id, job.queue_generation) in streams:
+                continue
+            log.warning(
+                "job %s: queue %s is missing; re-queuing from the ledger",
+                job.id,
+                ctx.queue.names.stream(job.id, job.queue_generation),
+            )
+            try:
+                await lifecycle.queue_job(ctx, job.id)
+            except TraplineError as exc:
+                log.warning("job %s: re-queue failed: %s", job.id, exc)

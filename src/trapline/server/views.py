@@ -1,0 +1,155 @@
+"""JSON views of jobs and images in the shapes of PROTOCOL.md §3 (Antenna's progress shape)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from trapline.ledger.models import Detection, Job, JobEvent, JobImage, JobStatus, utcnow
+from trapline.ledger.queries import Counts, job_counts
+
+_WAITING_AFTER_S = 10.0
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.isoformat().replace("+00:00", "Z") if dt else None
+
+
+def _stage(
+    key: str, name: str, status: str, progress: float, params: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "key": key,
+        "name": name,
+        "status": status,
+        "progress": round(progress, 4),
+        "params": [
+            {"key": k, "name": k.replace("_", " ").capitalize(), "value": v}
+            for k, v in params.items()
+        ],
+    }
+
+
+async def waiting_reason(session: AsyncSession, job: Job, counts: Counts) -> str | None:
+    """Why a running job makes no progress, if it is simply waiting for a worker."""
+    if job.status != JobStatus.STARTED or counts.reserved or not counts.queued:
+        return None
+    last = await session.scalar(
+        select(func.max(JobImage.updated_at)).where(JobImage.job_id == job.id)
+    )
+    since = max(filter(None, [last, job.queued_at, job.started_at]), default=job.created_at)
+    if (utcnow() - since).total_seconds() < _WAITING_AFTER_S:
+        return None
+    return f"waiting for a worker for pipeline {job.pipeline_slug!r} since {_iso(since)}"
+
+
+async def job_view(session: AsyncSession, job: Job) -> dict[str, Any]:
+    counts = await job_counts(session, job.id)
+    detections = int(
+        await session.scalar(
+            select(func.count()).select_from(Detection).where(Detection.job_id == job.id)
+        )
+        or 0
+    )
+    status = JobStatus(job.status)
+    total = counts.total or 1
+    processed = counts.done + counts.failed
+    collect_status = (
+        "SUCCESS" if job.queue_generation else ("PENDING" if not status.finished else status.value)
+    )
+    process_status = (
+        status.value if status.finished else ("STARTED" if job.queue_generation else "PENDING")
+    )
+    stages = [
+        _stage(
+            "collect",
+            "Collect",
+            collect_status,
+            1.0 if job.queue_generation else 0.0,
+            {"total_images": counts.total},
+        ),
+        _stage(
+            "process",
+            "Process",
+            process_status,
+            processed / total,
+            {"processed": processed, "remaining": counts.remaining, "failed": counts.failed},
+        ),
+        _stage(
+            "results",
+            "Results",
+            process_status,
+            processed / total,
+            {"captures": counts.done, "detections": detections, "failed": counts.failed},
+        ),
+    ]
+    errors = (
+        await session.scalars(
+            select(JobEvent.message)
+            .where(
+                JobEvent.job_id == job.id,
+                JobEvent.level.in_(["WARNING", "ERROR", "CRITICAL"]),
+                JobEvent.image_id.is_(None),
+            )
+            .order_by(JobEvent.id.desc())
+            .limit(10)
+        )
+    ).all()
+    waiting = await waiting_reason(session, job, counts)
+    return {
+        "id": job.id,
+        "name": job.name,
+        "project_id": job.project_id,
+        "pipeline_slug": job.pipeline_slug,
+        "dispatch_mode": "async_api",
+        "status": status.value,
+        "failure_threshold": job.failure_threshold,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "deadline_at": _iso(job.deadline_at),
+        "progress": {
+            "summary": {"status": status.value, "progress": round(processed / total, 4)},
+            "stages": stages,
+            "errors": list(reversed(errors)),
+        },
+        "counts": counts.as_dict(),
+        "detections": detections,
+        "waiting": waiting,
+    }
+
+
+def image_view(row: JobImage) -> dict[str, Any]:
+    return {
+        "image_id": row.image_id,
+        "url": row.url,
+        "state": row.state,
+        "deliveries": row.deliveries,
+        "expiries": row.expiries,
+        "holder": row.holder_name or row.holder_token,
+        "holder_id": row.holder_id,
+        "leased_at": _iso(row.leased_at),
+        "lease_deadline": _iso(row.lease_deadline),
+        "result_at": _iso(row.result_at),
+        "failed_at": _iso(row.failed_at),
+        "reason": row.reason,
+    }
+
+
+def event_view(ev: JobEvent) -> dict[str, Any]:
+    return {"at": _iso(ev.at), "level": ev.level, "image_id": ev.image_id, "message": ev.message}
+
+
+def detection_view(d: Detection) -> dict[str, Any]:
+    return {
+        "image_id": d.image_id,
+        "index": d.idx,
+        "bbox": {"x1": d.x1, "y1": d.y1, "x2": d.x2, "y2": d.y2},
+        "algorithm": d.algorithm_key,
+        "inference_time": d.inference_time,
+        "timestamp": d.timestamp,
+        "classifications": d.classifications,
+    }

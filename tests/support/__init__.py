@@ -1,0 +1,1 @@
+"""Test utilities: real services started on free ports, clients, fault injection."""
