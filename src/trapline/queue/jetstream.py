@@ -64,13 +64,15 @@ class TaskQueue:
         self.max_deliver = max_deliver
         self.max_ack_pending = max_ack_pending
         self._nc: NATS | None = None
+        self._closing = False
 
     async def connect(self, url: str, timeout_s: float = 5.0) -> None:
         async def _on_error(exc: Exception) -> None:
             log.warning("NATS connection error: %s", exc)
 
         async def _on_disconnect() -> None:
-            log.warning("NATS disconnected; reconnecting")
+            if not self._closing:
+                log.warning("NATS disconnected; reconnecting")
 
         async def _on_reconnect() -> None:
             log.info("NATS reconnected")
@@ -90,6 +92,7 @@ class TaskQueue:
             raise QueueUnavailable(f"cannot connect to NATS at {url}: {exc}") from exc
 
     async def close(self) -> None:
+        self._closing = True
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.drain()
         self._nc = None

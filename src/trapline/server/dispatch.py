@@ -101,6 +101,7 @@ async def _lease(
         }
         leased: list[str] = []
         redelivered: list[str] = []
+        lapsed: dict[str, list[tuple[str, int]]] = {}
         for d in deliveries:
             row = rows.get(d.stream_seq)
             if row is None or row.image_id != d.payload.get("image_id"):
@@ -115,6 +116,10 @@ async def _lease(
             if row.state in (ImageState.DONE, ImageState.FAILED):
                 settled.append(d.reply_subject)
                 continue
+            if row.state == ImageState.RESERVED and d.delivered > row.deliveries:
+                # JetStream redelivered before the reconciler saw the lease lapse.
+                lapsed.setdefault(holder_label(row), []).append((row.image_id, row.deliveries))
+                row.expiries += 1
             row.state = ImageState.RESERVED
             row.deliveries = d.delivered
             row.receipt = d.reply_subject
@@ -129,6 +134,15 @@ async def _lease(
                 redelivered.append(row.image_id)
             url = row.url or ctx.signer.url(base_url, job.id, row.image_id)
             tasks.append(Task(f"{job.id}:{row.image_id}", row.image_id, url, d.reply_subject))
+        for previous, batch in lapsed.items():
+            events.record_images(
+                session,
+                job.id,
+                [image_id for image_id, _ in batch],
+                f"lease expired without a result (holder {previous}, delivery "
+                f"{batch[0][1]} of {ctx.settings.max_deliver}); redelivered:",
+                level=logging.WARNING,
+            )
         if leased:
             events.record(
                 session,
@@ -137,6 +151,12 @@ async def _lease(
                 + (f"; redeliveries {events.format_ids(redelivered)}" if redelivered else ""),
             )
     return tasks, settled, strays
+
+
+def holder_label(row: JobImage) -> str:
+    """Who held an image's lease, for log lines and reasons."""
+    holder = row.holder_name or row.holder_token or "unknown"
+    return f"{holder} ({row.holder_id})" if row.holder_id else holder
 
 
 async def _held_receipts(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -69,18 +71,13 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unmapped error", exc_info=exc)
         return error(500, str(exc))
 
+    @app.exception_handler(ValidationError)
+    async def _model_validation(_: Request, exc: ValidationError) -> JSONResponse:
+        return _invalid(exc.errors())
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return error(400, "malformed JSON body")
-        first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        cleaned = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
-            for e in errors
-        ]
-        return error(422, f"invalid request: {where}: {first.get('msg', '')}", errors=cleaned)
+        return _invalid(exc.errors())
 
     @app.exception_handler(IntegrityError)
     async def _integrity(_: Request, exc: IntegrityError) -> JSONResponse:
@@ -90,6 +87,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _db(_: Request, exc: DBAPIError) -> JSONResponse:
         log.warning("database error: %s", str(exc).splitlines()[0])
         return error(503, "database temporarily unavailable")
+
+
+def _invalid(errors: Sequence[Any]) -> JSONResponse:
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error(400, "malformed JSON body")
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    cleaned = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors
+    ]
+    return error(422, f"invalid request: {where}: {first.get('msg', '')}", errors=cleaned)
 
 
 class EdgeMiddleware:

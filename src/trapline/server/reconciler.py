@@ -21,6 +21,7 @@ from trapline.ledger import events
 from trapline.ledger.models import ImageState, Job, JobImage, JobStatus, utcnow
 from trapline.server import lifecycle
 from trapline.server.context import AppContext
+from trapline.server.dispatch import holder_label
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,7 @@ class Reconciler:
             expired: dict[tuple[int, str], list[JobImage]] = defaultdict(list)
             exhausted: dict[tuple[int, str], list[JobImage]] = defaultdict(list)
             for row in rows:
-                holder = row.holder_name or row.holder_token or "unknown"
-                if row.holder_id:
-                    holder += f" ({row.holder_id})"
+                holder = holder_label(row)
                 last = row.deliveries >= max_deliver
                 values: dict[str, object] = {"lease_deadline": None, "updated_at": now}
                 if last:

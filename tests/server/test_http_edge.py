@@ -1,0 +1,161 @@
+"""Bad input gets a clear 4xx with a JSON body; nothing already accepted is touched."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.server.test_worker_api import create_job, job_view, reserve
+from tests.support import bodies
+from tests.support.servers import RunningServer
+
+
+async def test_requests_without_a_known_token_are_401_and_wrong_role_or_project_403(
+    server: RunningServer,
+) -> None:
+    job = await create_job(server, 1)
+    async with server.client("nonsense") as bad, server.worker_client() as w:
+        r = await bad.get(f"/api/v2/jobs/{job['id']}/")
+        assert r.status_code == 401 and r.json()["detail"] == "unknown token"
+        async with server.client() as anon:
+            del anon.headers["Authorization"]
+            r = await anon.post(f"/api/v2/jobs/{job['id']}/tasks/", json={"batch_size": 1})
+            assert r.status_code == 401 and "token" in r.json()["detail"]
+        r = await w.post("/api/v2/jobs/", json={"pipeline": "null", "images": bodies.image_list(1)})
+        assert r.status_code == 403 and "admin" in r.json()["detail"]
+        r = await w.post(f"/api/v2/jobs/{job['id']}/cancel/")
+        assert r.status_code == 403
+    # A worker token of project 1 cannot see a job of project 2.
+    ctx = server.ctx
+    from trapline.ledger.models import Project
+
+    async with ctx.sessions() as session, session.begin():
+        session.add(Project(id=2, name="other"))
+    async with server.client() as admin:
+        r = await admin.post(
+            "/api/v2/jobs/",
+            json={"pipeline": "null", "project_id": 2, "images": bodies.image_list(1)},
+        )
+        assert r.status_code == 201
+        other = r.json()["id"]
+    async with server.worker_client() as w:
+        r = await w.post(f"/api/v2/jobs/{other}/tasks/", json={"batch_size": 1})
+        assert r.status_code == 403
+        listed = (await w.get("/api/v2/jobs?ids_only=1")).json()
+        assert other not in [j["id"] for j in listed["results"]]
+        r = await w.post("/api/v2/jobs/999999/tasks/", json={"batch_size": 1})
+        assert r.status_code == 404 and "999999" in r.json()["detail"]
+
+
+async def test_a_job_with_a_malformed_or_missing_url_is_refused_naming_every_bad_image(
+    server: RunningServer,
+) -> None:
+    images = [
+        {"id": "a", "url": "https://ok.example.org/a.jpg"},
+        {"id": "b", "url": "ftp://example.org/b.jpg"},
+        {"id": "c"},
+        {"id": "a", "url": "https://ok.example.org/a2.jpg"},
+    ]
+    async with server.client() as admin:
+        r = await admin.post("/api/v2/jobs/", json={"pipeline": "null", "images": images})
+        assert r.status_code == 422
+        body = r.json()
+        assert [e["id"] for e in body["errors"]] == ["b", "c", "a"]
+        assert "3 image(s) refused" in body["detail"]
+        listed = (await admin.get("/api/v2/jobs/")).json()
+    assert listed["count"] == 0
+
+
+async def test_malformed_json_is_400_and_schema_violations_422_with_the_field(
+    server: RunningServer,
+) -> None:
+    job = await create_job(server, 1)
+    async with server.worker_client() as w:
+        r = await w.post(
+            f"/api/v2/jobs/{job['id']}/result/",
+            content=b'{"results": [',
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 400 and "malformed JSON" in r.json()["detail"]
+        r = await w.post(f"/api/v2/jobs/{job['id']}/tasks/", json={"batch_size": 0})
+        assert r.status_code == 422
+        assert r.json()["errors"][0]["loc"][-1] == "batch_size"
+        r = await w.post(f"/api/v2/jobs/{job['id']}/result/", json={"results": "nope"})
+        assert r.status_code == 422
+        tasks = await reserve(w, job["id"], 1)
+        assert len(tasks) == 1  # nothing above disturbed the job
+
+
+async def test_an_oversized_body_is_413_and_the_job_is_untouched(
+    server_settings: Any, database_url: str
+) -> None:
+    from tests.support.servers import start_server
+
+    settings = server_settings.model_copy(update={"max_body_bytes": 10_000})
+    async with start_server(settings) as server:
+        job = await create_job(server, 2)
+        async with server.worker_client() as w:
+            tasks = await reserve(w, job["id"], 2)
+            big = bodies.success(tasks[0], detections=200)
+            r = await w.post(f"/api/v2/jobs/{job['id']}/result/", json={"results": [big]})
+            assert r.status_code == 413 and "limit" in r.json()["detail"]
+            view = await job_view(w, job["id"])
+            assert view["counts"]["reserved"] == 2 and view["counts"]["done"] == 0
+
+
+async def test_worker_paths_work_with_and_without_the_trailing_slash(server: RunningServer) -> None:
+    job = await create_job(server, 2)
+    async with server.worker_client() as w:
+        listed = await w.get(
+            "/api/v2/jobs?pipeline__slug__in=null,other&ids_only=1&incomplete_only=1"
+        )
+        assert listed.status_code == 200
+        assert listed.json() == {
+            "count": 1,
+            "next": None,
+            "previous": None,
+            "results": [{"id": job["id"], "pipeline_slug": "null"}],
+        }
+        none = (await w.get("/api/v2/jobs?pipeline__slug__in=moth-detector-cv&ids_only=1")).json()
+        assert none["results"] == []
+        r = await w.post(f"/api/v2/jobs/{job['id']}/tasks", json={"batch_size": 1})
+        assert r.status_code == 200 and len(r.json()["tasks"]) == 1
+        task = r.json()["tasks"][0]
+        assert set(task) == {"id", "image_id", "image_url", "reply_subject"}
+        assert task["id"] == f"{job['id']}:{task['image_id']}"
+        r = await w.post(
+            f"/api/v2/jobs/{job['id']}/result", json={"results": [bodies.success(task)]}
+        )
+        assert r.status_code == 200
+        body = r.json()
+        assert isinstance(body["job_id"], int) and isinstance(body["results_queued"], int)
+        assert body["tasks"] == [
+            {"reply_subject": task["reply_subject"], "status": "accepted", "task_id": task["id"]}
+        ]
+
+
+async def test_capabilities_and_pipeline_registration(server: RunningServer) -> None:
+    async with server.worker_client() as w:
+        caps = (await w.get("/api/v2/capabilities/")).json()
+        assert caps["lease_extension"] is True and caps["release"] is True
+        assert caps["ack_wait_seconds"] == 30 and caps["max_deliver"] == 3
+        reg = {
+            "processing_service_name": "gpu-box-3",
+            "pipelines": [{"name": "Null", "slug": "null", "version": 1, "algorithms": []}],
+        }
+        first = (await w.post("/api/v2/projects/1/pipelines/", json=reg)).json()
+        second = (await w.post("/api/v2/projects/1/pipelines", json=reg)).json()
+        assert first["pipelines_created"] == ["null"] and first["pipelines_updated"] == []
+        assert second["pipelines_created"] == [] and second["pipelines_updated"] == ["null"]
+        assert first["processing_service_id"] == second["processing_service_id"]
+        listed = (await w.get("/api/v2/pipelines/")).json()
+        assert [s["name"] for s in listed["processing_services"]] == ["gpu-box-3"]
+
+
+async def test_health_reports_nats_and_database(server: RunningServer) -> None:
+    async with server.client() as c:
+        r = await c.get("/healthz")
+        metrics = await c.get("/metrics")
+        docs = await c.get("/openapi.json")
+    assert r.status_code == 200 and r.json()["nats"] is True and r.json()["database"] is True
+    assert metrics.status_code == 200
+    assert "/api/v2/jobs/{job_id}/result/" in docs.json()["paths"]

@@ -1,0 +1,128 @@
+"""Leases are the ledger's: expiry redelivers, the last expiry fails the image with its reason."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.test_worker_api import create_job, job_view, post_results, reserve
+from tests.support import bodies
+from tests.support.servers import RunningServer, start_server
+from trapline.ledger.models import ImageState, JobImage
+from trapline.settings import ServerSettings
+
+
+@pytest.fixture
+async def two_deliveries_server(server_settings: ServerSettings) -> AsyncIterator[RunningServer]:
+    settings = server_settings.model_copy(update={"ack_wait_s": 1.0, "max_deliver": 2})
+    async with start_server(settings) as running:
+        yield running
+
+
+async def _wait_for(predicate: object, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await predicate():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+async def test_a_batch_dropped_on_every_delivery_is_failed_with_its_reason_soon_after_the_last_lease(
+    two_deliveries_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = two_deliveries_server
+    job = await create_job(server, 3, failure_threshold=0.5)
+    caplog.set_level(logging.WARNING)
+    async with server.worker_client(name="dropper") as w:
+        first = await reserve(w, job["id"], 3)
+        await post_results(w, job["id"], [bodies.success(first[0])])
+        dropped = {t["image_id"] for t in first[1:]}
+
+        async def redelivered() -> bool:
+            return len(await reserve(w, job["id"], 3)) == 2
+
+        await _wait_for(redelivered, 10)
+        last_lease_end = time.monotonic() + 1.0
+
+        async def finished() -> bool:
+            return (await job_view(w, job["id"]))["status"] != "STARTED"
+
+        await _wait_for(finished, 15)
+        failed_after_s = time.monotonic() - last_lease_end
+        view = await job_view(w, job["id"])
+        failed = (await w.get(f"/api/v2/jobs/{job['id']}/images/?state=failed")).json()["results"]
+    assert failed_after_s < 5.0
+    assert view["status"] == "FAILURE"  # 2 of 3 failed > 0.5
+    assert view["counts"] == {"total": 3, "queued": 0, "reserved": 0, "done": 1, "failed": 2}
+    assert {f["image_id"] for f in failed} == dropped
+    for f in failed:
+        assert f["reason"].startswith("max deliveries exhausted (2 of 2; last holder dropper")
+    # Every failed image is named in a WARNING-or-above line.
+    warned = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    for image_id in dropped:
+        assert f"{image_id}" in warned
+    assert "lease expired without a result" in warned
+
+
+async def test_a_result_committed_but_never_acked_is_settled_when_its_message_returns(
+    short_lease_server: RunningServer,
+) -> None:
+    """The server crashed between commit and ACK: the redelivered message is ACKed, not handed out."""
+    server = short_lease_server
+    job = await create_job(server, 2)
+    async with server.worker_client() as w:
+        tasks = await reserve(w, job["id"], 2)
+        # Commit an outcome straight into the ledger, without the ACK that would follow it.
+        async with server.ctx.sessions() as session, session.begin():
+            row = (
+                await session.execute(
+                    JobImage.__table__.select().where(
+                        JobImage.job_id == job["id"], JobImage.image_id == tasks[0]["image_id"]
+                    )
+                )
+            ).one()
+            await session.execute(
+                JobImage.__table__.update()
+                .where(JobImage.id == row.id)
+                .values(state=ImageState.DONE.value)
+            )
+        await post_results(w, job["id"], [bodies.success(tasks[1])])
+        await asyncio.sleep(1.5)  # both the JetStream and the ledger lease lapse
+        again = await reserve(w, job["id"], 2)
+        stats = await server.ctx.queue.consumer_stats(job["id"], 1)
+    assert again == []
+    assert stats is None or stats.num_ack_pending == 0
+
+
+async def test_images_of_a_local_folder_are_served_by_signed_url_without_a_token(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    folder = tmp_path / "night"
+    (folder / "cam1").mkdir(parents=True)
+    (folder / "cam1" / "a.jpg").write_bytes(b"\xff\xd8jpeg-a")
+    (folder / "b.JPG").write_bytes(b"\xff\xd8jpeg-b")
+    (folder / "notes.txt").write_text("not an image")
+    async with server.client() as admin:
+        r = await admin.post("/api/v2/jobs/", json={"pipeline": "null", "images_dir": str(folder)})
+        assert r.status_code == 201, r.text
+        job = r.json()
+        assert job["counts"]["total"] == 2
+        bad = await admin.post("/api/v2/jobs/", json={"pipeline": "null", "images_dir": "rel/dir"})
+        assert bad.status_code == 422
+    async with server.worker_client() as w:
+        tasks = await reserve(w, job["id"], 2)
+    assert sorted(t["image_id"] for t in tasks) == ["b.JPG", "cam1/a.jpg"]
+    async with httpx.AsyncClient() as anonymous:
+        for t in tasks:
+            r = await anonymous.get(t["image_url"])
+            assert r.status_code == 200
+            assert r.content.startswith(b"\xff\xd8jpeg-")
+        tampered = tasks[0]["image_url"].replace("sig=", "sig=0")
+        assert (await anonymous.get(tampered)).status_code == 403
