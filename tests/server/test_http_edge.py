@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.server.test_worker_api import create_job, job_view, reserve
+from tests.server.test_worker_api import create_job, job_view, post_results, reserve
 from tests.support import bodies
 from tests.support.servers import RunningServer
 
@@ -159,3 +159,15 @@ async def test_health_reports_nats_and_database(server: RunningServer) -> None:
     assert r.status_code == 200 and r.json()["nats"] is True and r.json()["database"] is True
     assert metrics.status_code == 200
     assert "/api/v2/jobs/{job_id}/result/" in docs.json()["paths"]
+
+
+async def test_queue_stats_and_metrics_follow_the_work(server: RunningServer) -> None:
+    job = await create_job(server, 3)
+    async with server.worker_client() as w:
+        tasks = await reserve(w, job["id"], 2)
+        q = (await w.get(f"/api/v2/jobs/{job['id']}/queue/")).json()
+        assert q["consumer"]["num_ack_pending"] == 2 and q["consumer"]["num_pending"] == 1
+        await post_results(w, job["id"], [bodies.success(t) for t in tasks])
+        metrics = (await w.get("/metrics")).text
+    assert "trapline_tasks_reserved_total" in metrics
+    assert 'trapline_results_total{status="accepted"}' in metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import io
 from datetime import timedelta
 from pathlib import Path
@@ -146,6 +147,18 @@ async def show_image(job_id: int, image_id: str, ctx: Ctx, caller: Caller) -> di
         **image_view(row),
         "history": [event_view(e) for e in history],
         "detections": [detection_view(d) for d in dets],
+    }
+
+
+@router.get("/jobs/{job_id}/queue/")
+async def job_queue(job_id: int, ctx: Ctx, caller: Caller) -> dict[str, Any]:
+    """The job's JetStream consumer stats (null once the job finished and its queue is gone)."""
+    job = await load_job(ctx, caller, job_id)
+    stats = await ctx.queue.consumer_stats(job.id, job.queue_generation)
+    return {
+        "job_id": job.id,
+        "stream": ctx.queue.names.stream(job.id, job.queue_generation),
+        "consumer": dataclasses.asdict(stats) if stats else None,
     }
 
 

@@ -13,6 +13,7 @@ from trapline.errors import QueueError, ReceiptError
 from trapline.ledger import events
 from trapline.ledger.models import ImageState, Job, JobImage, JobStatus, utcnow
 from trapline.queue import Delivery, Receipt, naming, parse_receipt
+from trapline.server import metrics
 from trapline.server.context import AppContext
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ async def reserve(
         # Not recorded as leased: hand the messages straight back, then report.
         await ctx.queue.release([d.reply_subject for d in deliveries])
         raise
+    if tasks:
+        metrics.RESERVES.inc()
+        metrics.TASKS_RESERVED.inc(len(tasks))
     if settled:
         await ctx.queue.ack(settled)
     if strays:
@@ -119,6 +123,7 @@ async def _lease(
             if row.state == ImageState.RESERVED and d.delivered > row.deliveries:
                 # JetStream redelivered before the reconciler saw the lease lapse.
                 lapsed.setdefault(holder_label(row), []).append((row.image_id, row.deliveries))
+                metrics.LEASE_EXPIRIES.inc()
                 row.expiries += 1
             row.state = ImageState.RESERVED
             row.deliveries = d.delivered

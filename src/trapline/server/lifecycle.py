@@ -22,6 +22,7 @@ from trapline.errors import Conflict, InvalidRequest, NotFound, QueueError
 from trapline.ledger import events
 from trapline.ledger.models import ImageState, Job, JobImage, JobStatus, utcnow
 from trapline.ledger.queries import job_counts, remaining_images
+from trapline.server import metrics
 from trapline.server.context import AppContext
 
 log = logging.getLogger(__name__)
@@ -319,6 +320,8 @@ async def cancel_job(ctx: AppContext, job_id: int) -> None:
         )
         job.status = JobStatus.REVOKED
         job.finished_at = now
+        metrics.FINALIZATIONS.labels(JobStatus.REVOKED.value).inc()
+        metrics.IMAGES_FAILED.labels("cancelled").inc(len(pending))
         if pending:
             events.record_images(
                 session, job_id, pending, "cancelled before an outcome:", level=logging.WARNING

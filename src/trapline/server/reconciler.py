@@ -19,7 +19,7 @@ from sqlalchemy import exists, select, update
 from trapline.errors import QueueError, TraplineError
 from trapline.ledger import events
 from trapline.ledger.models import ImageState, Job, JobImage, JobStatus, utcnow
-from trapline.server import lifecycle
+from trapline.server import lifecycle, metrics
 from trapline.server.context import AppContext
 from trapline.server.dispatch import holder_label
 
@@ -59,6 +59,10 @@ class Reconciler:
 
     async def sweep(self) -> None:
         """One pass: expired leases, deadlines, finalization, queue repair."""
+        with metrics.RECONCILER_SWEEP.time():
+            await self._sweep()
+
+    async def _sweep(self) -> None:
         await self.expire_leases()
         await self.apply_deadlines()
         await self.finalize_complete()
@@ -81,6 +85,8 @@ class Reconciler:
                     .limit(_SWEEP_LIMIT)
                 )
             ).all()
+            oldest = min((r.lease_deadline for r in rows if r.lease_deadline), default=now)
+            metrics.RECONCILER_LAG.set((now - oldest).total_seconds())
             expired: dict[tuple[int, str], list[JobImage]] = defaultdict(list)
             exhausted: dict[tuple[int, str], list[JobImage]] = defaultdict(list)
             for row in rows:
@@ -110,6 +116,9 @@ class Reconciler:
                 if won.rowcount != 1:  # type: ignore[attr-defined]
                     continue
                 changed += 1
+                metrics.LEASE_EXPIRIES.inc()
+                if last:
+                    metrics.IMAGES_FAILED.labels("max deliveries exhausted").inc()
                 (exhausted if last else expired)[(row.job_id, holder)].append(row)
                 if last and row.receipt:
                     to_term.append(row.receipt)
@@ -170,6 +179,7 @@ class Reconciler:
                     .values(state=ImageState.FAILED, reason="deadline passed", failed_at=now)
                 )
                 if pending:
+                    metrics.IMAGES_FAILED.labels("deadline passed").inc(len(pending))
                     events.record_images(
                         session, job_id, pending, "failed: deadline passed:", level=logging.ERROR
                     )
@@ -193,8 +203,17 @@ class Reconciler:
     async def repair_queues(self) -> None:
         """Delete streams of finished jobs; rebuild running jobs' queues that vanished."""
         ctx = self.ctx
-        streams = set(await ctx.queue.list_job_streams())
         now = utcnow()
+        # Running jobs first: a job STARTED now had its stream created before it
+        # became STARTED, so listing streams afterwards cannot miss a new one.
+        async with ctx.sessions() as session:
+            running = (
+                await session.scalars(
+                    select(Job).where(Job.status.in_([JobStatus.STARTED, JobStatus.PENDING]))
+                )
+            ).all()
+        streams = set(await ctx.queue.list_job_streams())
+        # And jobs of listed streams after listing: a stream created meanwhile has its job.
         async with ctx.sessions() as session:
             jobs = (
                 {
@@ -208,11 +227,6 @@ class Reconciler:
                 if streams
                 else {}
             )
-            running = (
-                await session.scalars(
-                    select(Job).where(Job.status.in_([JobStatus.STARTED, JobStatus.PENDING]))
-                )
-            ).all()
         for job_id, gen in streams:
             job = jobs.get(job_id)
             stale = job is None or JobStatus(job.status).finished or gen < job.queue_generation
