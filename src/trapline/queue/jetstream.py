@@ -94,7 +94,10 @@ class TaskQueue:
     async def close(self) -> None:
         self._closing = True
         if self._nc is not None and not self._nc.is_closed:
-            await self._nc.drain()
+            if self._nc.is_connected:
+                await self._nc.drain()
+            else:
+                await self._nc.close()
         self._nc = None
 
     @property
