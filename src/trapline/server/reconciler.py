@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import defaultdict
 from datetime import timedelta
 
+from nats.aio.msg import Msg
 from sqlalchemy import exists, select, update
 
 from trapline.errors import QueueError, TraplineError
@@ -35,6 +37,7 @@ class Reconciler:
         self.ctx = ctx
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
         self.sweeps = 0
 
     def start(self) -> None:
@@ -42,11 +45,36 @@ class Reconciler:
 
     async def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._task is not None:
             await self._task
 
+    async def _watch_advisories(self) -> None:
+        """Fast path: JetStream's max-delivery and termination advisories wake a sweep now.
+
+        They are never the only path (max-deliver is lazy on pull consumers and
+        advisories are not stored), so the sweep itself decides from the ledger.
+        """
+        names = self.ctx.queue.names
+
+        async def on_advisory(msg: Msg) -> None:
+            try:
+                stream = json.loads(msg.data).get("stream", "")
+            except ValueError:
+                return
+            if names.parse_stream(str(stream)) is not None:
+                self._wake.set()
+
+        nc = self.ctx.queue.nc
+        for kind in ("MAX_DELIVERIES", "MSG_TERMINATED"):
+            await nc.subscribe(f"$JS.EVENT.ADVISORY.CONSUMER.{kind}.>", cb=on_advisory)
+
     async def _run(self) -> None:
         interval = self.ctx.settings.reconcile_interval_s
+        try:
+            await self._watch_advisories()
+        except TraplineError as exc:
+            log.warning("JetStream advisories not watched (sweeps still run): %s", exc)
         while not self._stop.is_set():
             try:
                 await self.sweep()
@@ -55,7 +83,8 @@ class Reconciler:
             except Exception:
                 log.exception("reconciler sweep failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=interval)
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+            self._wake.clear()
 
     async def sweep(self) -> None:
         """One pass: expired leases, deadlines, finalization, queue repair."""
