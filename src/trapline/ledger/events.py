@@ -54,7 +54,18 @@ def record_images(
 ) -> None:
     """One job line naming every image, plus one history line per image."""
     record(session, job_id, f"{message} {format_ids(image_ids)}", level=level)
-    for image_id in image_ids:
+    record_history(session, job_id, [(i, message) for i in image_ids], level=level)
+
+
+def record_history(
+    session: AsyncSession,
+    job_id: int,
+    lines: Sequence[tuple[str, str]],
+    *,
+    level: int = logging.INFO,
+) -> None:
+    """History lines of single images (image id, message), without a job-level line."""
+    for image_id, message in lines:
         session.add(
             JobEvent(
                 job_id=job_id,

@@ -78,18 +78,23 @@ class TaskQueue:
             log.info("NATS reconnected")
 
         try:
-            self._nc = await nats.connect(
-                url,
-                connect_timeout=timeout_s,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                error_cb=_on_error,
-                disconnected_cb=_on_disconnect,
-                reconnected_cb=_on_reconnect,
-                name="trapline-server",
+            # nats-py retries a failed first connect forever when reconnects are
+            # allowed; bound it so a wrong URL fails the start with one line.
+            self._nc = await asyncio.wait_for(
+                nats.connect(
+                    url,
+                    connect_timeout=timeout_s,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=_on_error,
+                    disconnected_cb=_on_disconnect,
+                    reconnected_cb=_on_reconnect,
+                    name="trapline-server",
+                ),
+                timeout=timeout_s + 1.0,
             )
-        except Exception as exc:
-            raise QueueUnavailable(f"cannot connect to NATS at {url}: {exc}") from exc
+        except Exception as exc:  # TimeoutError included
+            raise QueueUnavailable(f"cannot connect to NATS at {url}: {exc!r}") from exc
 
     async def close(self) -> None:
         self._closing = True

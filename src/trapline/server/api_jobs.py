@@ -105,11 +105,14 @@ async def list_images(
     ctx: Ctx,
     caller: Caller,
     state: str | None = None,
+    redelivered: bool = False,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> dict[str, Any]:
     await load_job(ctx, caller, job_id)
     query = select(JobImage).where(JobImage.job_id == job_id)
+    if redelivered:
+        query = query.where((JobImage.deliveries > 1) | (JobImage.expiries > 0))
     if state:
         query = query.where(JobImage.state.in_(state.lower().split(",")))
     async with ctx.sessions() as session:

@@ -106,6 +106,7 @@ async def _lease(
         leased: list[str] = []
         redelivered: list[str] = []
         lapsed: dict[str, list[tuple[str, int]]] = {}
+        delivery_numbers: list[int] = []
         for d in deliveries:
             row = rows.get(d.stream_seq)
             if row is None or row.image_id != d.payload.get("image_id"):
@@ -137,6 +138,7 @@ async def _lease(
             leased.append(row.image_id)
             if d.delivered > 1:
                 redelivered.append(row.image_id)
+            delivery_numbers.append(d.delivered)
             url = row.url or ctx.signer.url(base_url, job.id, row.image_id)
             tasks.append(Task(f"{job.id}:{row.image_id}", row.image_id, url, d.reply_subject))
         for previous, batch in lapsed.items():
@@ -149,6 +151,14 @@ async def _lease(
                 level=logging.WARNING,
             )
         if leased:
+            events.record_history(
+                session,
+                job.id,
+                [
+                    (t.image_id, f"reserved by {holder.describe()} (delivery {n})")
+                    for t, n in zip(tasks, delivery_numbers, strict=True)
+                ],
+            )
             events.record(
                 session,
                 job.id,

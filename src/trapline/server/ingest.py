@@ -161,6 +161,11 @@ async def ingest(
         )
         for s in rejected:
             log.warning("job %s: rejected result item (%s): %s", job.id, s.reply_subject, s.reason)
+        events.record_history(
+            session,
+            job.id,
+            [(i, f"result accepted from {holder.describe()}") for i in accepted_ids],
+        )
         if failed_ids:
             events.record_images(
                 session, job.id, failed_ids, "worker reported failure for", level=logging.WARNING

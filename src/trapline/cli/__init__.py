@@ -1,0 +1,1 @@
+"""The command-line interface. The only place that configures logging."""
