@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.server.test_worker_api import create_job, job_view
 from tests.support.servers import RunningServer
+from trapline.pipelines import ImageInput, ImageResult
+from trapline.pipelines.null import NullPipeline
 from trapline.settings import WorkerSettings
 from trapline.worker import run_worker
 
@@ -36,3 +39,38 @@ async def test_two_trapline_workers_drain_a_job_and_it_ends_success_with_every_i
     assert view["counts"] == {"total": 300, "queued": 0, "reserved": 0, "done": 300, "failed": 0}
     assert all(r.ok for r in reports)
     assert sum(r.delivered for r in reports) == 300
+
+
+class PoisonPipeline(NullPipeline):
+    """Raises on any batch holding image "13", like a decoder crash on one bad frame."""
+
+    slug = "null"
+
+    def process(self, images: Sequence[ImageInput]) -> list[ImageResult]:
+        if any(i.id == "13" for i in images):
+            raise RuntimeError("corrupt frame crashed the detector")
+        return super().process(images)
+
+
+async def test_a_poison_image_fails_alone_with_the_pipelines_error_and_the_job_succeeds(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    job = await create_job(server, 48)
+    report = await run_worker(
+        worker_settings(server, tmp_path / "w", "w"),
+        ["null"],
+        drain=True,
+        pipeline_factory=lambda slug: PoisonPipeline(),
+    )
+    async with server.client() as admin:
+        view = await job_view(admin, job["id"])
+        failed = (await admin.get(f"/api/v2/jobs/{job['id']}/images/?state=failed")).json()
+    assert view["status"] == "SUCCESS"
+    assert view["counts"] == {"total": 48, "queued": 0, "reserved": 0, "done": 47, "failed": 1}
+    assert [(f["image_id"], f["reason"]) for f in failed["results"]] == [
+        (
+            "13",
+            "pipeline null failed on this image: RuntimeError: corrupt frame crashed the detector",
+        )
+    ]
+    assert report.delivered == 47 and report.failed == 1 and report.ok

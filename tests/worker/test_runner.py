@@ -367,7 +367,8 @@ async def test_a_pipeline_that_keeps_raising_reports_failures_then_stops(
     assert_accounted(report)
     reason = fake.outcomes(1)["img0"]["error"]
     assert (
-        reason == "pipeline raising failed: RuntimeError: CUDA error: device-side assert triggered"
+        reason
+        == "pipeline raising failed on this image: RuntimeError: CUDA error: device-side assert triggered"
     )
     assert fake.at_rest(1)[1] == 0  # nothing left leased: the rest was released
 

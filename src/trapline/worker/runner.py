@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trapline.errors import WorkerError
-from trapline.pipelines.base import ImageResult, Pipeline
+from trapline.pipelines.base import ImageInput, ImageResult, Pipeline
 from trapline.settings import WorkerSettings
 from trapline.worker.client import ApiError, Capabilities, JobRef, WorkerClient
 from trapline.worker.compute import ComputeThread, batch_inputs, build_items
@@ -570,21 +571,45 @@ class Worker:
                 self._pipeline_failures = 0
             except Exception as exc:
                 failure = f"pipeline {slug} failed: {type(exc).__name__}: {exc}"
-                self._pipeline_failures += 1
-                logger.error(
-                    "job %s: %s; %d images reported failed",
+                logger.warning(
+                    "job %s: %s; retrying its %d images one by one",
                     batch.job.id,
                     failure,
                     len(inputs),
                     exc_info=exc,
                 )
-                if self._pipeline_failures >= MAX_CONSECUTIVE_PIPELINE_FAILURES:
-                    self._fail(
-                        f"pipeline {slug} failed on {self._pipeline_failures} batches in a row"
-                    )
+                results = await self._compute_one_by_one(batch, slug, inputs)
+                if all(r.error is not None for r in results):
+                    # Not one poison image: the pipeline itself is broken.
+                    self._pipeline_failures += 1
+                    if self._pipeline_failures >= MAX_CONSECUTIVE_PIPELINE_FAILURES:
+                        self._fail(
+                            f"pipeline {slug} failed on {self._pipeline_failures} batches in a row"
+                        )
+                else:
+                    self._pipeline_failures = 0
+                failure = None
         batch.pixels.clear()  # the largest thing a batch holds; not needed any more
         self._computed += len(inputs)
         return build_items(batch, results, self._converters[slug], failure)
+
+    async def _compute_one_by_one(
+        self, batch: Batch, slug: str, inputs: list[ImageInput]
+    ) -> list[ImageResult]:
+        """Isolate a poison image: only the images the pipeline fails on are reported failed."""
+        pipeline = self._pipelines[slug]
+        results: list[ImageResult] = []
+        for one in inputs:
+            try:
+                got = await self._compute_thread.run(functools.partial(pipeline.process, [one]))
+                results.extend(
+                    got[:1] or [ImageResult(one.id, error="pipeline returned no result")]
+                )
+            except Exception as exc:
+                reason = f"pipeline {slug} failed on this image: {type(exc).__name__}: {exc}"
+                logger.error("job %s image %s: %s", batch.job.id, one.id, reason)
+                results.append(ImageResult(image_id=one.id, error=reason))
+        return results
 
     async def _to_outbox(self, batch: Batch, items: list[dict[str, Any]]) -> OutboxEntry:
         try:
