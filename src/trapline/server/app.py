@@ -18,7 +18,7 @@ from starlette.types import ASGIApp
 import trapline
 from trapline.ledger.db import create_engine, migrate, session_factory
 from trapline.queue import EmbeddedNats, TaskQueue
-from trapline.server import api_jobs, api_worker
+from trapline.server import api_jobs, api_worker, dashboard
 from trapline.server.auth import Ctx
 from trapline.server.context import AppContext
 from trapline.server.edge import EdgeMiddleware, install_error_handlers
@@ -92,6 +92,7 @@ def create_app(settings: ServerSettings | None = None) -> ASGIApp:
     app.include_router(api_worker.router)
     app.include_router(api_jobs.router)
     app.include_router(api_jobs.files_router)
+    app.include_router(dashboard.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz(ctx: Ctx) -> JSONResponse:
