@@ -32,15 +32,7 @@ def record(
     image_id: str | None = None,
 ) -> None:
     """Add a job log line to the session (committed with the change it describes) and log it."""
-    session.add(
-        JobEvent(
-            job_id=job_id,
-            image_id=image_id,
-            at=utcnow(),
-            level=logging.getLevelName(level),
-            message=message,
-        )
-    )
+    session.add(_event(job_id, image_id, message, level))
     log.log(level, "job %s: %s", job_id, message)
 
 
@@ -65,13 +57,14 @@ def record_history(
     level: int = logging.INFO,
 ) -> None:
     """History lines of single images (image id, message), without a job-level line."""
-    for image_id, message in lines:
-        session.add(
-            JobEvent(
-                job_id=job_id,
-                image_id=image_id,
-                at=utcnow(),
-                level=logging.getLevelName(level),
-                message=message,
-            )
-        )
+    session.add_all(_event(job_id, image_id, message, level) for image_id, message in lines)
+
+
+def _event(job_id: int, image_id: str | None, message: str, level: int) -> JobEvent:
+    return JobEvent(
+        job_id=job_id,
+        image_id=image_id,
+        at=utcnow(),
+        level=logging.getLevelName(level),
+        message=message,
+    )

@@ -287,6 +287,35 @@ async def reevaluate_finished(session: AsyncSession, job_id: int) -> None:
         events.record(session, job_id, f"status re-evaluated after a late result: {status}")
 
 
+async def fail_remaining(
+    session: AsyncSession, job_id: int, reason: str, *, level: int
+) -> list[str]:
+    """Fail every image of the job still without an outcome, naming each in the log."""
+    now = utcnow()
+    failed = (
+        await session.scalars(
+            update(JobImage)
+            .where(
+                JobImage.job_id == job_id,
+                JobImage.state.in_([ImageState.QUEUED, ImageState.RESERVED]),
+            )
+            .values(
+                state=ImageState.FAILED,
+                reason=reason,
+                failed_at=now,
+                lease_deadline=None,
+                updated_at=now,
+            )
+            .returning(JobImage.image_id)
+            .execution_options(synchronize_session=False)
+        )
+    ).all()
+    if failed:
+        metrics.IMAGES_FAILED.labels(reason).inc(len(failed))
+        events.record_images(session, job_id, failed, f"failed: {reason}:", level=level)
+    return list(failed)
+
+
 async def cancel_job(ctx: AppContext, job_id: int) -> None:
     """REVOKED; committed results stay, images without an outcome fail with ``cancelled``."""
     async with ctx.sessions() as session, session.begin():
@@ -296,36 +325,10 @@ async def cancel_job(ctx: AppContext, job_id: int) -> None:
                 return
             raise Conflict(f"job {job_id} already finished ({job.status})")
         now = utcnow()
-        pending = (
-            await session.scalars(
-                select(JobImage.image_id).where(
-                    JobImage.job_id == job_id,
-                    JobImage.state.in_([ImageState.QUEUED, ImageState.RESERVED]),
-                )
-            )
-        ).all()
-        await session.execute(
-            update(JobImage)
-            .where(
-                JobImage.job_id == job_id,
-                JobImage.state.in_([ImageState.QUEUED, ImageState.RESERVED]),
-            )
-            .values(
-                state=ImageState.FAILED,
-                reason="cancelled",
-                failed_at=now,
-                lease_deadline=None,
-                updated_at=now,
-            )
-        )
+        await fail_remaining(session, job_id, "cancelled", level=logging.WARNING)
         job.status = JobStatus.REVOKED
         job.finished_at = now
         metrics.FINALIZATIONS.labels(JobStatus.REVOKED.value).inc()
-        metrics.IMAGES_FAILED.labels("cancelled").inc(len(pending))
-        if pending:
-            events.record_images(
-                session, job_id, pending, "cancelled before an outcome:", level=logging.WARNING
-            )
         events.record(session, job_id, "cancelled (REVOKED)", level=logging.WARNING)
         generation = job.queue_generation
     await _delete_queue_quietly(ctx, job_id, generation)

@@ -191,27 +191,9 @@ class Reconciler:
             ).all()
         for job_id in job_ids:
             async with ctx.sessions() as session, session.begin():
-                pending = (
-                    await session.scalars(
-                        select(JobImage.image_id).where(
-                            JobImage.job_id == job_id,
-                            JobImage.state.in_([ImageState.QUEUED, ImageState.RESERVED]),
-                        )
-                    )
-                ).all()
-                await session.execute(
-                    update(JobImage)
-                    .where(
-                        JobImage.job_id == job_id,
-                        JobImage.state.in_([ImageState.QUEUED, ImageState.RESERVED]),
-                    )
-                    .values(state=ImageState.FAILED, reason="deadline passed", failed_at=now)
+                await lifecycle.fail_remaining(
+                    session, job_id, "deadline passed", level=logging.ERROR
                 )
-                if pending:
-                    metrics.IMAGES_FAILED.labels("deadline passed").inc(len(pending))
-                    events.record_images(
-                        session, job_id, pending, "failed: deadline passed:", level=logging.ERROR
-                    )
             await lifecycle.finalize_if_complete(ctx, job_id)
 
     async def finalize_complete(self) -> None:
