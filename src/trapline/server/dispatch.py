@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from trapline.errors import QueueError, ReceiptError
 from trapline.ledger import events
@@ -212,6 +213,20 @@ async def _held_receipts(
     return held, unknown
 
 
+async def _update_held(session: AsyncSession, rows: Iterable[JobImage], **values: object) -> None:
+    """Update leases only while they are still the delivery the caller proved it holds."""
+    for row in rows:
+        await session.execute(
+            update(JobImage)
+            .where(
+                JobImage.id == row.id,
+                JobImage.state == ImageState.RESERVED,
+                JobImage.deliveries == row.deliveries,
+            )
+            .values(**values)
+        )
+
+
 async def extend(
     ctx: AppContext, job: Job, reply_subjects: Sequence[object]
 ) -> tuple[list[str], list[str]]:
@@ -223,16 +238,7 @@ async def extend(
     now = utcnow()
     deadline = now + timedelta(seconds=ctx.settings.ack_wait_s)
     async with ctx.sessions() as session, session.begin():
-        for row in held.values():
-            await session.execute(
-                update(JobImage)
-                .where(
-                    JobImage.id == row.id,
-                    JobImage.state == ImageState.RESERVED,
-                    JobImage.deliveries == row.deliveries,
-                )
-                .values(lease_deadline=deadline, updated_at=now)
-            )
+        await _update_held(session, held.values(), lease_deadline=deadline, updated_at=now)
     return list(held), unknown
 
 
@@ -245,16 +251,9 @@ async def release(
         return [], unknown
     now = utcnow()
     async with ctx.sessions() as session, session.begin():
-        for row in held.values():
-            await session.execute(
-                update(JobImage)
-                .where(
-                    JobImage.id == row.id,
-                    JobImage.state == ImageState.RESERVED,
-                    JobImage.deliveries == row.deliveries,
-                )
-                .values(state=ImageState.QUEUED, lease_deadline=None, updated_at=now)
-            )
+        await _update_held(
+            session, held.values(), state=ImageState.QUEUED, lease_deadline=None, updated_at=now
+        )
         events.record(
             session,
             job.id,
