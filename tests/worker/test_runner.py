@@ -19,7 +19,7 @@ from tests.worker.worker_fakes import (
     until,
 )
 from trapline.errors import PipelineError, WorkerError
-from trapline.worker import WorkerReport, WorkerStats, run_worker, runner
+from trapline.worker import WorkerReport, WorkerStats, delivery_stage, reserve_stage, run_worker
 from trapline.worker.outbox import Outbox
 from trapline.worker.results import error_item
 
@@ -247,7 +247,7 @@ async def test_abort_releases_the_batch_in_compute_without_waiting(
 async def test_cancelled_job_releases_prefetched_tasks(
     fake: FakeAntenna, tmp_path: Path, gated: type[GatedPipeline], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runner, "RELIST_INTERVAL_S", 0.1)
+    monkeypatch.setattr(reserve_stage, "RELIST_INTERVAL_S", 0.1)
     job = fake.add_job(1, "gated", ids(16))
     stop = asyncio.Event()
     task = asyncio.create_task(
@@ -391,7 +391,7 @@ async def test_stats_callback_sees_progress(fake: FakeAntenna, tmp_path: Path) -
 async def test_a_kept_batch_is_delivered_later_when_the_server_is_back(
     fake: FakeAntenna, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runner, "OUTBOX_SWEEP_INTERVAL_S", 0.2)
+    monkeypatch.setattr(delivery_stage, "OUTBOX_SWEEP_INTERVAL_S", 0.2)
     fake.add_job(1, "null", ids(4))
     fake.result_hook = lambda req, job: Reply(503, {"detail": "database unavailable"})
     stop = asyncio.Event()

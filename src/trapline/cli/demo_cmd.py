@@ -42,7 +42,7 @@ from trapline.cli.client import (
     out,
     setup_logging,
 )
-from trapline.cli.job_cmd import FINISHED, STATES, counts_line
+from trapline.cli.job_views import FINISHED, STATES, counts_line
 from trapline.cli.server_cmd import StoppableServer, server_config
 from trapline.cli.token_cmd import make_token
 from trapline.settings import ServerSettings, WorkerSettings

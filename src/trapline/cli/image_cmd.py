@@ -21,7 +21,7 @@ from trapline.cli.client import (
     path_part,
     setup_logging,
 )
-from trapline.cli.job_cmd import log_lines, print_json, short_time, top_label
+from trapline.cli.job_views import log_lines, print_json, short_time, top_label
 
 image_app = typer.Typer(help="Look at single images of a job.", no_args_is_help=True)
 

@@ -19,7 +19,7 @@ from trapline.cli.client import (
     out,
     setup_logging,
 )
-from trapline.cli.job_cmd import ago, print_json, short_time
+from trapline.cli.job_views import ago, print_json, short_time
 from trapline.errors import PipelineError
 
 pipelines_app = typer.Typer(help="Pipelines installed here or registered on a server.")

@@ -29,8 +29,8 @@ from trapline.worker.client import WorkerClient
 from trapline.worker.compute import ComputeThread
 from trapline.worker.download import Downloader
 from trapline.worker.outbox import Outbox
-from trapline.worker.report import JobReport, WorkerReport
-from trapline.worker.runner import Worker, WorkerStats
+from trapline.worker.report import JobReport, WorkerReport, WorkerStats
+from trapline.worker.runner import Worker
 
 __all__ = [
     "JobReport",

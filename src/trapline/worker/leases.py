@@ -1,4 +1,4 @@
-"""The held-tasks registry and lease extension.
+"""The held-tasks registry, lease extension and release.
 
 Every task the worker reserves is registered here until it has an outcome
 (delivered, failed, released, kept in the outbox, rejected, or abandoned when
@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 # Image ids kept per job and outcome for reports; beyond this only counts grow.
 MAX_LISTED_IDS = 1000
+# Release calls at shutdown must not take the whole grace period each.
+RELEASE_TIMEOUT_S = 10.0
 
 
 class TaskState(enum.StrEnum):
@@ -190,6 +192,9 @@ class HeldTasks:
     def jobs(self) -> set[int]:
         return {t.job_id for t in self._tasks.values()}
 
+    def in_states(self, *states: TaskState) -> list[HeldTask]:
+        return [t for job in self.jobs() for t in self.for_job(job) if t.state in states]
+
     def extendable_by_job(self) -> dict[int, list[str]]:
         by_job: dict[int, list[str]] = {}
         for task in self._tasks.values():
@@ -256,3 +261,68 @@ class LeaseExtender:
                     job_id,
                     len(answer.unknown),
                 )
+
+
+class Releaser:
+    """Gives tasks back to the server for immediate redelivery (NAK), one call per job.
+
+    ``supported`` is the server's release capability, known once the worker has
+    asked; without it tasks cannot be given back and wait out their lease.
+    """
+
+    def __init__(self, client: WorkerClient, held: HeldTasks) -> None:
+        self._client = client
+        self._held = held
+        self.supported = False
+
+    async def release(self, tasks: list[HeldTask], why: str) -> None:
+        """Release the tasks still held, settling each RELEASED or ABANDONED."""
+        by_job: dict[int, list[HeldTask]] = {}
+        for task in tasks:
+            if task.reply_subject in self._held:
+                by_job.setdefault(task.job_id, []).append(task)
+        for job_id, job_tasks in by_job.items():
+            subjects = [t.reply_subject for t in job_tasks]
+            ids = ", ".join(t.image_id for t in job_tasks)
+            if not self.supported:
+                self._held.settle(subjects, Outcome.ABANDONED)
+                logger.warning(
+                    "job %s: %d tasks not processed (%s) cannot be released (the server has no "
+                    "release); they return to the queue when their lease expires: %s",
+                    job_id,
+                    len(subjects),
+                    why,
+                    ids,
+                )
+                continue
+            try:
+                async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                    await self._client.release(job_id, subjects)
+            except (ApiError, TimeoutError) as exc:
+                self._held.settle(subjects, Outcome.ABANDONED)
+                logger.warning(
+                    "job %s: could not release %d tasks (%s: %s); they return to the queue when "
+                    "their lease expires: %s",
+                    job_id,
+                    len(subjects),
+                    why,
+                    exc,
+                    ids,
+                )
+            else:
+                # Receipts the server answered "unknown" are no longer ours either.
+                self._held.settle(subjects, Outcome.RELEASED)
+                logger.info("job %s: released %d tasks (%s)", job_id, len(subjects), why)
+
+    async def release_kept(self) -> None:
+        """Give back the tasks whose results are kept in the outbox (best effort).
+
+        Another worker can then redo them now; if the kept result arrives later
+        the server stores it as valid.
+        """
+        if not self.supported:
+            return
+        for job_id, subjects in self._held.kept_subjects().items():
+            with contextlib.suppress(ApiError, TimeoutError):
+                async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                    await self._client.release(job_id, subjects)

@@ -1,8 +1,13 @@
-"""What a worker run did, per job and in total, and the honest log lines about it."""
+"""What a worker run did, per job and in total, and the honest log lines about it.
+
+Also what it is doing now (:class:`WorkerStats`, for progress displays) and how
+it reports a problem that recurs while it runs (:class:`RateLimitedWarning`).
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from trapline.worker.leases import PROBLEM_OUTCOMES, JobTally, Outcome
@@ -11,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 # Image ids named in one log line; the rest are counted.
 MAX_IDS_IN_LOG = 50
+WARN_INTERVAL_S = 60.0
 
 
 def format_ids(ids: list[str], total: int | None = None) -> str:
@@ -183,3 +189,42 @@ def log_final_summary(report: WorkerReport, *, jobs: set[int] | None = None) -> 
         logger.error("worker done with work left: %s", report.summary())
     else:
         logger.warning("worker done: %s", report.summary())
+
+
+@dataclass
+class WorkerStats:
+    """A snapshot for progress displays."""
+
+    elapsed_s: float
+    reserved: int
+    downloaded: int
+    computed: int
+    delivered: int
+    failed: int
+    released: int
+    kept: int
+    held: int
+    states: dict[str, int]
+    prefetched_batches: int
+    deliver_queue: int
+    jobs: list[int] = field(default_factory=list)
+
+
+class RateLimitedWarning:
+    """Logs a recurring problem once per interval per key, so outages do not flood the log.
+
+    The other occurrences go to DEBUG. Logs to the ``logger`` of the module that reports.
+    """
+
+    def __init__(self, log: logging.Logger, interval_s: float = WARN_INTERVAL_S) -> None:
+        self._log = log
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def __call__(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, float("-inf")) >= self._interval_s:
+            self._last[key] = now
+            self._log.warning(msg, *args)
+        else:
+            self._log.debug(msg, *args)

@@ -15,7 +15,7 @@ from typing import Any
 
 from trapline.pipelines.base import RGBImage
 from trapline.worker.client import JobRef
-from trapline.worker.leases import HeldTask
+from trapline.worker.leases import HeldTask, HeldTasks
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,11 @@ class Batch:
     def runnable(self) -> list[HeldTask]:
         """Tasks that still go to the pipeline."""
         return [t for t in self.tasks if t.reply_subject not in self.errors]
+
+    def still_held(self, held: HeldTasks) -> bool:
+        """Drop tasks released meanwhile (job gone); False if none is left."""
+        self.tasks = [t for t in self.tasks if t.reply_subject in held]
+        return bool(self.tasks)
 
 
 @dataclass
