@@ -6,6 +6,15 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+from PIL import Image
+
+from tests.pipelines.test_onnx_pipeline import (
+    BRIGHT,
+    bright_box_detector,
+    scene,
+    write_toml,
+)
 from tests.server.test_worker_api import create_job, job_view
 from tests.support.servers import RunningServer
 from trapline.pipelines import ImageInput, ImageResult
@@ -74,3 +83,40 @@ async def test_a_poison_image_fails_alone_with_the_pipelines_error_and_the_job_s
         )
     ]
     assert report.delivered == 47 and report.failed == 1 and report.ok
+
+
+async def test_a_worker_serves_an_onnx_pipeline_file_on_a_local_folder_job(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    """`trapline worker --pipeline-file`: the TOML's pipeline is served, its boxes stored."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (trapline[onnx])")
+    onnx_tools = pytest.importorskip("onnx", reason="onnx not installed (trapline[onnx])")
+    models = tmp_path / "models"
+    models.mkdir()
+    bright_box_detector(onnx_tools, models / "bright.onnx", 64, 64)
+    toml = write_toml(
+        models,
+        BRIGHT.format(w=64, h=64, resize="letterbox", layout="NCHW", order="RGB", units="pixels"),
+    )
+    folder = tmp_path / "night"
+    folder.mkdir()
+    for n in range(3):
+        Image.fromarray(scene(320, 160, (60, 40, 160, 100))).save(folder / f"frame{n}.png")
+    async with server.client() as admin:
+        r = await admin.post(
+            "/api/v2/jobs/", json={"pipeline": "test-onnx", "images_dir": str(folder)}
+        )
+        assert r.status_code == 201, r.text
+        job = r.json()
+    settings = worker_settings(server, tmp_path / "w", "onnx-box").model_copy(
+        update={"pipeline_files": [toml]}
+    )
+    report = await run_worker(settings, [], drain=True)
+    async with server.client() as admin:
+        view = await job_view(admin, job["id"])
+        results = (await admin.get(f"/api/v2/jobs/{job['id']}/results/")).json()["results"]
+    assert report.ok and report.delivered == 3
+    assert view["status"] == "SUCCESS" and view["detections"] == 3
+    for det in results:
+        assert det["bbox"] == pytest.approx({"x1": 60.0, "y1": 40.0, "x2": 160.0, "y2": 100.0})
+        assert det["algorithm"] == "test-onnx-detector"

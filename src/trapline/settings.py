@@ -86,6 +86,16 @@ class WorkerSettings(_Base):
     delivery_deadline_s: float = 600.0
     delivery_backoff_cap_s: float = 4.0
     grace_s: float = 30.0
+    pipeline_files: list[Path] = Field(
+        default_factory=list, description="TOML files describing ONNX pipelines to serve too"
+    )
+    processes: int | None = Field(
+        default=None, ge=1, description="Worker processes; default one per visible GPU, else 1"
+    )
+    cuda_visible_devices: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("CUDA_VISIBLE_DEVICES", "cuda_visible_devices"),
+    )
 
 
 class ClientSettings(_Base):

@@ -52,6 +52,9 @@ def test_start_errors_are_one_line_and_exit_2(fake: FakeAntenna, tmp_path: Path)
     assert unknown.returncode == 2
     assert unknown.stderr.strip().startswith("error: unknown pipeline 'nope'; installed:")
     assert len(unknown.stderr.strip().splitlines()) == 1
+    no_file = run(worker_cmd(fake, tmp_path, "--pipeline-file", str(tmp_path / "gone.toml")))
+    assert no_file.returncode == 2
+    assert len(no_file.stderr.strip().splitlines()) == 1 and "gone.toml" in no_file.stderr
     bad_token = run([*worker_cmd(fake, tmp_path, "--pipeline", "null"), "--token", "wrong"])
     assert bad_token.returncode == 2 and "refused the token" in bad_token.stderr
     assert fake.count("reserve") == 0

@@ -22,6 +22,7 @@ from trapline.cli.logs import configure_logging
 from trapline.errors import TraplineError
 from trapline.settings import WorkerSettings
 from trapline.worker import WorkerStats, run_worker, serve
+from trapline.worker.devices import pin_device, visible_gpus
 from trapline.worker.supervisor import EXIT_CANNOT_START, supervise
 
 logger = logging.getLogger(__name__)
@@ -91,11 +92,18 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def child_main(
-    index: int, settings: WorkerSettings, slugs: list[str], drain: bool, log_level: str
+    index: int,
+    settings: WorkerSettings,
+    slugs: list[str],
+    drain: bool,
+    log_level: str,
+    gpus: list[str],
 ) -> None:
     """Entry point of one supervised worker process (multiprocessing spawn target)."""
     # Own process group: a terminal's Ctrl-C reaches us only via the supervisor.
     os.setpgrp()
+    # One GPU per process, round robin when there are more processes than GPUs.
+    pin_device(gpus[index % len(gpus)] if gpus else None)
     configure_logging(log_level, rich=False)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(
@@ -154,14 +162,23 @@ def worker(
             show_default="trapline-worker",
         ),
     ] = None,
+    pipeline_file: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--pipeline-file",
+            help="TOML file describing an ONNX pipeline to serve (repeatable; trapline[onnx]).",
+        ),
+    ] = None,
     processes: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--processes",
             min=1,
-            help="Worker processes, each supervised on its own (plan: one per visible GPU).",
+            help="Worker processes, each supervised on its own and pinned to one GPU "
+            "when there are GPUs.",
+            show_default="one per visible GPU, else 1",
         ),
-    ] = 1,
+    ] = None,
     drain: Annotated[
         bool, typer.Option("--drain", help="Exit once no job has tasks and nothing is held.")
     ] = False,
@@ -188,6 +205,8 @@ def worker(
         ("project_id", project_id),
         ("service_name", service_name),
         ("log_level", log_level),
+        ("pipeline_files", pipeline_file or None),
+        ("processes", processes),
     ):
         if value is not None:
             overrides[key] = value
@@ -196,14 +215,18 @@ def worker(
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise _fail(f"invalid log level {settings.log_level!r}")
     slugs = [s for s in (pipeline or []) if s.strip()]
-    if not slugs:
+    if not slugs and not settings.pipeline_files:
         raise _fail("no pipeline given: pass --pipeline SLUG (see `trapline pipelines`)")
+    gpus = visible_gpus(settings.cuda_visible_devices)
+    processes = settings.processes or len(gpus) or 1
 
     if processes > 1:
         configure_logging(level, rich=False)
         if progress:
             logger.warning("--progress shows one process only; ignored with --processes > 1")
-        raise typer.Exit(supervise(child_main, (settings, slugs, drain, level), processes))
+        if gpus:
+            logger.info("%d worker processes over GPUs %s", processes, ", ".join(gpus))
+        raise typer.Exit(supervise(child_main, (settings, slugs, drain, level, gpus), processes))
 
     configure_logging(level)
     try:

@@ -110,6 +110,17 @@ async def run_worker(
     ``pipeline_factory`` makes a (not yet loaded) pipeline from a slug; default:
     the installed ``trapline.pipelines`` entry points.
     """
+    factory = pipeline_factory or installed_pipeline
+    if settings.pipeline_files:
+        from trapline.pipelines.onnx import load_pipeline_file
+
+        from_files = {p.slug: p for p in map(load_pipeline_file, settings.pipeline_files)}
+        pipeline_slugs = [*pipeline_slugs, *from_files]
+        base_factory = factory
+
+        def factory(slug: str) -> Pipeline:
+            return from_files[slug] if slug in from_files else base_factory(slug)
+
     slugs = list(dict.fromkeys(s.strip() for s in pipeline_slugs if s.strip()))
     if not slugs:
         raise WorkerError("no pipeline given: name at least one pipeline slug")
@@ -122,7 +133,6 @@ async def run_worker(
     compute_thread = ComputeThread()
     try:
         # On the compute thread: GPU libraries tie state to the loading thread.
-        factory = pipeline_factory or installed_pipeline
         loading = asyncio.ensure_future(compute_thread.run(lambda: _load_pipelines(slugs, factory)))
         stopped = asyncio.ensure_future(stop.wait())
         try:

@@ -7,7 +7,7 @@ down gracefully; a second one is forwarded again, which makes children stop at
 once. Children run in their own process group so a terminal's Ctrl-C reaches
 them only through the supervisor, exactly once.
 
-The plan is one process per visible GPU; for now the count is given by the user.
+The CLI starts one process per visible GPU (each pinned to its own) unless told otherwise.
 """
 
 from __future__ import annotations
