@@ -13,9 +13,7 @@ from trapline.queue import EmbeddedNats, TaskQueue
 
 @pytest.fixture
 async def queue(nats_server: EmbeddedNats) -> AsyncIterator[TaskQueue]:
-    q = TaskQueue(
-        ack_wait_s=1.0, max_deliver=3, max_ack_pending=1000, installation=uuid.uuid4().hex[:8]
-    )
+    q = TaskQueue(ack_wait_s=1.0, max_ack_pending=1000, installation=uuid.uuid4().hex[:8])
     await q.connect(nats_server.url)
     yield q
     await q.close()

@@ -126,3 +126,22 @@ async def test_images_of_a_local_folder_are_served_by_signed_url_without_a_token
             assert r.content.startswith(b"\xff\xd8jpeg-")
         tampered = tasks[0]["image_url"].replace("sig=", "sig=0")
         assert (await anonymous.get(tampered)).status_code == 403
+
+
+async def test_deliveries_that_never_reached_a_worker_do_not_strand_the_image(
+    server: RunningServer,
+) -> None:
+    """A reserve whose ledger commit fails hands its messages back (NAK), which JetStream
+    counts as deliveries; the budget is the ledger's, so the image is still served."""
+    job = await create_job(server, 1)
+    queue = server.ctx.queue
+    for _ in range(server.settings.max_deliver + 1):
+        taken = await queue.reserve(job["id"], 1, 1, wait_s=1.0)
+        assert len(taken) == 1
+        await queue.release([taken[0].reply_subject])
+    async with server.worker_client() as w:
+        tasks = await reserve(w, job["id"], 1)
+        assert len(tasks) == 1
+        await post_results(w, job["id"], [bodies.success(tasks[0])])
+        view = await job_view(w, job["id"])
+    assert view["status"] == "SUCCESS" and view["counts"]["done"] == 1

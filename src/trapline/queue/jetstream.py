@@ -57,11 +57,10 @@ class TaskQueue:
     """JetStream operations the server needs, over one connection."""
 
     def __init__(
-        self, ack_wait_s: float, max_deliver: int, max_ack_pending: int, installation: str = "local"
+        self, ack_wait_s: float, max_ack_pending: int, installation: str = "local"
     ) -> None:
         self.names = naming.QueueNames(installation)
         self.ack_wait_s = ack_wait_s
-        self.max_deliver = max_deliver
         self.max_ack_pending = max_ack_pending
         self._nc: NATS | None = None
         self._closing = False
@@ -137,7 +136,13 @@ class TaskQueue:
                 durable_name=naming.CONSUMER,
                 ack_policy=api.AckPolicy.EXPLICIT,
                 ack_wait=self.ack_wait_s,
-                max_deliver=self.max_deliver,
+                # The retry budget is the ledger's (TRAPLINE_MAX_DELIVER): it fails the
+                # image and TERMs the message when the last lease it handed out lapses.
+                # JetStream counts deliveries that never reached a worker too (a reserve
+                # whose ledger commit failed, a NAK on the way back); with a JetStream
+                # limit those could exhaust a message the ledger still holds as queued,
+                # stranding it. Unlimited here, bounded by the ledger.
+                max_deliver=-1,
                 max_ack_pending=self.max_ack_pending,
                 deliver_policy=api.DeliverPolicy.ALL,
                 filter_subject=self.names.subject(job_id, generation),

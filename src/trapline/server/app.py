@@ -45,7 +45,6 @@ async def running_context(settings: ServerSettings) -> AsyncIterator[AppContext]
             nats_url = embedded.url
         queue = TaskQueue(
             settings.ack_wait_s,
-            settings.max_deliver,
             settings.max_ack_pending,
             installation=await load_installation_id(sessions),
         )
