@@ -17,6 +17,11 @@ def _dsn(sqlalchemy_url: str, database: str | None = None) -> str:
     return dsn
 
 
+def admin_dsn(sqlalchemy_url: str) -> str:
+    """A DSN on the server's maintenance database, to administer a test database."""
+    return _dsn(sqlalchemy_url, "postgres")
+
+
 @asynccontextmanager
 async def fresh_database(kind: str, tmp_path: Path, pg_url: str | None) -> AsyncIterator[str]:
     if kind == "sqlite":
