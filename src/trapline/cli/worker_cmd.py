@@ -228,7 +228,8 @@ def worker(
             logger.info("%d worker processes over GPUs %s", processes, ", ".join(gpus))
         raise typer.Exit(supervise(child_main, (settings, slugs, drain, level, gpus), processes))
 
-    configure_logging(level)
+    # Rich layout only on a terminal; under systemd or a redirect, whole timestamped lines.
+    configure_logging(level, rich=sys.stderr.isatty())
     try:
         if progress:
             with Live(refresh_per_second=2, transient=False) as live:

@@ -30,10 +30,25 @@ def record(
     *,
     level: int = logging.INFO,
     image_id: str | None = None,
+    image_ids: Sequence[str] = (),
 ) -> None:
-    """Add a job log line to the session (committed with the change it describes) and log it."""
-    session.add(_event(job_id, image_id, message, level))
-    log.log(level, "job %s: %s", job_id, message)
+    """Add a job log line to the session (committed with the change it describes) and log it.
+
+    With ``image_ids`` the stored line names them up to a limit, while the process
+    log names every one (in lines of at most ``_MAX_IDS_IN_LINE``): a lost or failed
+    image is always findable in the log by its id.
+    """
+    stored = f"{message} {format_ids(image_ids)}" if image_ids else message
+    session.add(_event(job_id, image_id, stored, level))
+    if not image_ids:
+        log.log(level, "job %s: %s", job_id, message)
+        return
+    ids = list(image_ids)
+    parts = range(0, len(ids), _MAX_IDS_IN_LINE)
+    for n, start in enumerate(parts, 1):
+        chunk = ", ".join(ids[start : start + _MAX_IDS_IN_LINE])
+        suffix = f" (part {n} of {len(parts)})" if len(parts) > 1 else ""
+        log.log(level, "job %s: %s [%s]%s", job_id, message, chunk, suffix)
 
 
 def record_images(
@@ -45,7 +60,7 @@ def record_images(
     level: int = logging.INFO,
 ) -> None:
     """One job line naming every image, plus one history line per image."""
-    record(session, job_id, f"{message} {format_ids(image_ids)}", level=level)
+    record(session, job_id, message, level=level, image_ids=image_ids)
     record_history(session, job_id, [(i, message) for i in image_ids], level=level)
 
 

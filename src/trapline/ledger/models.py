@@ -149,7 +149,10 @@ class JobImage(Base):
     path: Mapped[str | None] = mapped_column(Text, nullable=True)
     state: Mapped[str] = mapped_column(String(16), default=ImageState.QUEUED)
     msg_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # JetStream's delivery number of the current lease (receipts are checked against it).
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    # Leases handed to workers in this queue generation: the retry budget counts these.
+    leases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     receipt: Mapped[str | None] = mapped_column(Text, nullable=True)
     holder_name: Mapped[str | None] = mapped_column(String(300), nullable=True)
     holder_id: Mapped[str | None] = mapped_column(String(200), nullable=True)

@@ -16,6 +16,7 @@ from trapline.ledger.models import ImageState, Job, JobImage, JobStatus, utcnow
 from trapline.queue import Delivery, Receipt, naming, parse_receipt
 from trapline.server import metrics
 from trapline.server.context import AppContext
+from trapline.server.expiry import Lapses
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ async def reserve(
     if not deliveries:
         return []
     try:
-        tasks, settled, strays = await _lease(ctx, job, deliveries, holder, base_url)
+        tasks, settled, to_term = await _lease(ctx, job, deliveries, holder, base_url)
     except Exception:
         # Not recorded as leased: hand the messages straight back, then report.
         await ctx.queue.release([d.reply_subject for d in deliveries])
@@ -79,14 +80,16 @@ async def reserve(
         metrics.TASKS_RESERVED.inc(len(tasks))
     if settled:
         await ctx.queue.ack(settled)
-    if strays:
-        await ctx.queue.term(strays, "no ledger row for this message")
+    for reason, subjects in to_term.items():
+        if subjects:
+            await ctx.queue.term(subjects, reason)
     return tasks
 
 
 async def _lease(
     ctx: AppContext, job: Job, deliveries: Sequence[Delivery], holder: Holder, base_url: str
-) -> tuple[list[Task], list[str], list[str]]:
+) -> tuple[list[Task], list[str], dict[str, list[str]]]:
+    """Record the leases of ``deliveries``; (tasks to hand out, receipts to ACK, to TERM)."""
     now = utcnow()
     deadline = now + timedelta(seconds=ctx.settings.ack_wait_s)
     tasks: list[Task] = []
@@ -106,7 +109,8 @@ async def _lease(
         }
         leased: list[str] = []
         redelivered: list[str] = []
-        lapsed: dict[str, list[tuple[str, int]]] = {}
+        lapses = Lapses(session, ctx.settings.max_deliver)
+        exhausted: list[str] = []
         delivery_numbers: list[int] = []
         for d in deliveries:
             row = rows.get(d.stream_seq)
@@ -123,11 +127,19 @@ async def _lease(
                 settled.append(d.reply_subject)
                 continue
             if row.state == ImageState.RESERVED and d.delivered > row.deliveries:
-                # JetStream redelivered before the reconciler saw the lease lapse.
-                lapsed.setdefault(holder_label(row), []).append((row.image_id, row.deliveries))
-                metrics.LEASE_EXPIRIES.inc()
-                row.expiries += 1
+                # JetStream redelivered before the reconciler saw the lease lapse:
+                # apply the same rule here, so the budget holds whoever is faster.
+                await lapses.apply(row, now)
+                # Whoever applied the lapse (this server or another), read its result.
+                await session.refresh(row)
+                if row.state == ImageState.FAILED:
+                    exhausted.append(d.reply_subject)
+                    continue
+                if row.state == ImageState.DONE:  # its result landed meanwhile
+                    settled.append(d.reply_subject)
+                    continue
             row.state = ImageState.RESERVED
+            row.leases += 1
             row.deliveries = d.delivered
             row.receipt = d.reply_subject
             row.holder_name = holder.worker_name
@@ -142,21 +154,13 @@ async def _lease(
             delivery_numbers.append(d.delivered)
             url = row.url or ctx.signer.url(base_url, job.id, row.image_id)
             tasks.append(Task(f"{job.id}:{row.image_id}", row.image_id, url, d.reply_subject))
-        for previous, batch in lapsed.items():
-            events.record_images(
-                session,
-                job.id,
-                [image_id for image_id, _ in batch],
-                f"lease expired without a result (holder {previous}, delivery "
-                f"{batch[0][1]} of {ctx.settings.max_deliver}); redelivered:",
-                level=logging.WARNING,
-            )
+        lapses.record()
         if leased:
             events.record_history(
                 session,
                 job.id,
                 [
-                    (t.image_id, f"reserved by {holder.describe()} (delivery {n})")
+                    (t.image_id, f"reserved by {holder.describe()} (JetStream delivery {n})")
                     for t, n in zip(tasks, delivery_numbers, strict=True)
                 ],
             )
@@ -166,13 +170,11 @@ async def _lease(
                 f"reserved {len(leased)} task(s) to {holder.describe()}"
                 + (f"; redeliveries {events.format_ids(redelivered)}" if redelivered else ""),
             )
-    return tasks, settled, strays
-
-
-def holder_label(row: JobImage) -> str:
-    """Who held an image's lease, for log lines and reasons."""
-    holder = row.holder_name or row.holder_token or "unknown"
-    return f"{holder} ({row.holder_id})" if row.holder_id else holder
+    return (
+        tasks,
+        settled,
+        {"no ledger row for this message": strays, "max deliveries exhausted": exhausted},
+    )
 
 
 async def _held_receipts(
@@ -257,8 +259,8 @@ async def release(
         events.record(
             session,
             job.id,
-            f"released {len(held)} task(s) by {held[next(iter(held))].holder_name or 'worker'}"
-            f" {events.format_ids([r.image_id for r in held.values()])}",
+            f"released {len(held)} task(s) by {held[next(iter(held))].holder_name or 'worker'}",
+            image_ids=[r.image_id for r in held.values()],
         )
     try:
         await ctx.queue.release(list(held), delay_s)

@@ -128,6 +128,7 @@ async def create_job(
                     "path": i.path,
                     "state": ImageState.QUEUED.value,
                     "deliveries": 0,
+                    "leases": 0,
                     "expiries": 0,
                     "updated_at": now,
                 }
@@ -191,6 +192,7 @@ async def queue_job(ctx: AppContext, job_id: int, *, include_failed: bool = Fals
                     "msg_seq": seq,
                     "state": ImageState.QUEUED.value,
                     "deliveries": 0,
+                    "leases": 0,
                     "receipt": None,
                     "lease_deadline": None,
                     "updated_at": now,
@@ -265,8 +267,9 @@ async def finalize_if_complete(ctx: AppContext, job_id: int) -> str | None:
             events.record(
                 session,
                 job_id,
-                f"{summary}; failed images {events.format_ids(failed_ids)}",
+                f"{summary}; failed images",
                 level=logging.WARNING,
+                image_ids=failed_ids,
             )
         else:
             events.record(session, job_id, summary)

@@ -12,18 +12,16 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections import defaultdict
 from datetime import timedelta
 
 from nats.aio.msg import Msg
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, select
 
 from trapline.errors import QueueError, TraplineError
-from trapline.ledger import events
 from trapline.ledger.models import ImageState, Job, JobImage, JobStatus, utcnow
 from trapline.server import lifecycle, metrics
 from trapline.server.context import AppContext
-from trapline.server.dispatch import holder_label
+from trapline.server.expiry import Lapses
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +101,6 @@ class Reconciler:
         """Leases past their deadline: back to queued, or failed after the last delivery."""
         ctx = self.ctx
         now = utcnow()
-        max_deliver = ctx.settings.max_deliver
         to_term: list[str] = []
         changed = 0
         async with ctx.sessions() as session, session.begin():
@@ -116,58 +113,15 @@ class Reconciler:
             ).all()
             oldest = min((r.lease_deadline for r in rows if r.lease_deadline), default=now)
             metrics.RECONCILER_LAG.set((now - oldest).total_seconds())
-            expired: dict[tuple[int, str], list[JobImage]] = defaultdict(list)
-            exhausted: dict[tuple[int, str], list[JobImage]] = defaultdict(list)
+            lapses = Lapses(session, ctx.settings.max_deliver)
             for row in rows:
-                holder = holder_label(row)
-                last = row.deliveries >= max_deliver
-                values: dict[str, object] = {"lease_deadline": None, "updated_at": now}
-                if last:
-                    values.update(
-                        state=ImageState.FAILED,
-                        reason=f"max deliveries exhausted ({row.deliveries} of {max_deliver}; "
-                        f"last holder {holder})",
-                        failed_at=now,
-                    )
-                else:
-                    values.update(state=ImageState.QUEUED, expiries=row.expiries + 1)
-                won = await session.execute(
-                    update(JobImage)
-                    .where(
-                        JobImage.id == row.id,
-                        JobImage.state == ImageState.RESERVED,
-                        JobImage.deliveries == row.deliveries,
-                        JobImage.lease_deadline == row.lease_deadline,
-                    )
-                    .values(**values)
-                    .execution_options(synchronize_session=False)
-                )
-                if won.rowcount != 1:  # type: ignore[attr-defined]
+                outcome = await lapses.apply(row, now)
+                if outcome is None:
                     continue
                 changed += 1
-                metrics.LEASE_EXPIRIES.inc()
-                if last:
-                    metrics.IMAGES_FAILED.labels("max deliveries exhausted").inc()
-                (exhausted if last else expired)[(row.job_id, holder)].append(row)
-                if last and row.receipt:
+                if outcome == ImageState.FAILED and row.receipt:
                     to_term.append(row.receipt)
-            for (job_id, holder), batch in expired.items():
-                events.record_images(
-                    session,
-                    job_id,
-                    [r.image_id for r in batch],
-                    f"lease expired without a result (holder {holder}, delivery "
-                    f"{batch[0].deliveries} of {max_deliver}); will be redelivered:",
-                    level=logging.WARNING,
-                )
-            for (job_id, holder), batch in exhausted.items():
-                events.record_images(
-                    session,
-                    job_id,
-                    [r.image_id for r in batch],
-                    f"failed: max deliveries exhausted (last holder {holder}):",
-                    level=logging.ERROR,
-                )
+            lapses.record()
         if to_term:
             try:
                 await ctx.queue.term(to_term, "max deliveries exhausted")

@@ -128,6 +128,7 @@ def image_view(row: JobImage) -> dict[str, Any]:
         "url": row.url,
         "state": row.state,
         "deliveries": row.deliveries,
+        "leases": row.leases,
         "expiries": row.expiries,
         "holder": row.holder_name or row.holder_token,
         "holder_id": row.holder_id,

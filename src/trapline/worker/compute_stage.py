@@ -19,7 +19,7 @@ from trapline.worker.compute import ComputeThread, batch_inputs, build_items
 from trapline.worker.leases import HeldTasks, Releaser, TaskState
 from trapline.worker.lifecycle import Halt
 from trapline.worker.outbox import Outbox, OutboxEntry
-from trapline.worker.results import ResultConverter, error_item
+from trapline.worker.results import ResultConverter, error_item, is_error_item, item_image_id
 from trapline.worker.tasks import Batch
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,17 @@ class ComputeStage:
                 failure = None
         batch.pixels.clear()  # the largest thing a batch holds; not needed any more
         self.computed += len(inputs)
-        return build_items(batch, results, self._converters[slug], failure)
+        items = build_items(batch, results, self._converters[slug], failure)
+        failed = [f"{item_image_id(i)} ({i['result']['error']})" for i in items if is_error_item(i)]
+        if failed:
+            # These images will be recorded failed: say so, naming each one.
+            logger.warning(
+                "job %s: %d image(s) reported failed: %s",
+                batch.job.id,
+                len(failed),
+                "; ".join(failed),
+            )
+        return items
 
     async def _compute_one_by_one(
         self, batch: Batch, slug: str, inputs: list[ImageInput]

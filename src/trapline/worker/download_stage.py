@@ -78,6 +78,7 @@ class DownloadStage:
                 self.downloaded += 1
             except DownloadFailed as exc:
                 batch.errors[task.reply_subject] = exc.reason
-                logger.info("job %s image %s: %s", batch.job.id, task.image_id, exc.reason)
+                # Reported as an error result: the image will be failed with this reason.
+                logger.warning("job %s image %s: %s", batch.job.id, task.image_id, exc.reason)
 
         await asyncio.gather(*(one(t) for t in runnable))

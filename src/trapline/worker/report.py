@@ -19,13 +19,6 @@ MAX_IDS_IN_LOG = 50
 WARN_INTERVAL_S = 60.0
 
 
-def format_ids(ids: list[str], total: int | None = None) -> str:
-    total = len(ids) if total is None else total
-    shown = ", ".join(ids[:MAX_IDS_IN_LOG])
-    more = total - min(len(ids), MAX_IDS_IN_LOG)
-    return f"{shown} (+{more} more)" if more > 0 else shown
-
-
 @dataclass
 class JobReport:
     """Counts of one job's tasks in this run. ``reserved`` = the sum of the outcomes at exit."""
@@ -174,8 +167,16 @@ def log_job_summary(job: JobReport, *, leaving: bool) -> None:
     }
     for key, (label, total) in labels.items():
         ids = job.problem_ids.get(key, [])
-        if total:
-            logger.warning("job %s: images %s: %s", job.job_id, label, format_ids(ids, total))
+        for start in range(0, len(ids), MAX_IDS_IN_LOG) if total else ():
+            chunk = ids[start : start + MAX_IDS_IN_LOG]
+            logger.warning("job %s: images %s: %s", job.job_id, label, ", ".join(chunk))
+        if total > len(ids):
+            logger.warning(
+                "job %s: %d more images %s; their ids are in the server's job log",
+                job.job_id,
+                total - len(ids),
+                label,
+            )
 
 
 def log_final_summary(report: WorkerReport, *, jobs: set[int] | None = None) -> None:

@@ -1,0 +1,1 @@
+"""Chaos scenarios: faults injected into a real server, NATS, database and workers."""
