@@ -217,15 +217,20 @@ async def _held_receipts(
 
 async def _update_held(session: AsyncSession, rows: Iterable[JobImage], **values: object) -> None:
     """Update leases only while they are still the delivery the caller proved it holds."""
+    by_delivery: dict[int, list[int]] = {}
     for row in rows:
+        by_delivery.setdefault(row.deliveries, []).append(row.id)
+    # One statement per delivery number (nearly always one), not one per task.
+    for delivered, ids in by_delivery.items():
         await session.execute(
             update(JobImage)
             .where(
-                JobImage.id == row.id,
+                JobImage.id.in_(ids),
                 JobImage.state == ImageState.RESERVED,
-                JobImage.deliveries == row.deliveries,
+                JobImage.deliveries == delivered,
             )
             .values(**values)
+            .execution_options(synchronize_session=False)
         )
 
 

@@ -233,34 +233,43 @@ class LeaseExtender:
         self._warned_at: dict[int, float] = {}
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.interval_s
         while True:
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            # Fixed rate, not "interval after the last answer": a slow answer must not
+            # push the next extension past the end of a lease.
+            next_at += self.interval_s
             await self.extend_once()
+            next_at = max(next_at, loop.time())  # after a stall, no burst to catch up
 
     async def extend_once(self) -> None:
-        for job_id, subjects in self._held.extendable_by_job().items():
-            try:
-                answer = await self._client.extend(job_id, subjects)
-            except ApiError as exc:
-                if exc.status == 404 and self._on_job_gone is not None:
-                    self._on_job_gone(job_id)
-                # Once a minute per job: a server outage would otherwise repeat this
-                # every few seconds; the delivery path reports what really matters.
-                now = time.monotonic()
-                if now - self._warned_at.get(job_id, float("-inf")) >= 60:
-                    self._warned_at[job_id] = now
-                    logger.warning(
-                        "job %s: could not extend %d leases: %s", job_id, len(subjects), exc
-                    )
-                continue
-            if answer.unknown:
-                self._held.mark_unextendable(answer.unknown)
-                logger.warning(
-                    "job %s: the server no longer holds %d of our tasks for us (lease lost: "
-                    "redelivered or the job ended); their results will still be delivered",
-                    job_id,
-                    len(answer.unknown),
-                )
+        """One extension call per job, concurrently."""
+        await asyncio.gather(
+            *(self._extend_job(j, s) for j, s in self._held.extendable_by_job().items())
+        )
+
+    async def _extend_job(self, job_id: int, subjects: list[str]) -> None:
+        try:
+            answer = await self._client.extend(job_id, subjects)
+        except ApiError as exc:
+            if exc.status == 404 and self._on_job_gone is not None:
+                self._on_job_gone(job_id)
+            # Once a minute per job: a server outage would otherwise repeat this
+            # every few seconds; the delivery path reports what really matters.
+            now = time.monotonic()
+            if now - self._warned_at.get(job_id, float("-inf")) >= 60:
+                self._warned_at[job_id] = now
+                logger.warning("job %s: could not extend %d leases: %s", job_id, len(subjects), exc)
+            return
+        if answer.unknown:
+            self._held.mark_unextendable(answer.unknown)
+            logger.warning(
+                "job %s: the server no longer holds %d of our tasks for us (settled meanwhile, "
+                "redelivered, or the job ended); their results will still be delivered",
+                job_id,
+                len(answer.unknown),
+            )
 
 
 class Releaser:
