@@ -172,10 +172,7 @@ def cancel(
     log_level: LogLevelOpt = None,
 ) -> None:
     """Stop handing out the job's tasks; results already stored stay."""
-    with cli_errors(), api_client(server, token) as client:
-        setup_logging(log_level)
-        view = client.post(f"/api/v2/jobs/{job_id}/cancel/")
-        out.print(f"job {job_id}: {view.get('status')} · {counts_line(view.get('counts') or {})}")
+    _job_action(job_id, "cancel", server, token, log_level)
 
 
 @job_app.command("retry")
@@ -186,9 +183,16 @@ def retry(
     log_level: LogLevelOpt = None,
 ) -> None:
     """Queue the job's failed images again."""
+    _job_action(job_id, "retry", server, token, log_level)
+
+
+def _job_action(
+    job_id: int, action: str, server: str | None, token: str | None, log_level: str | None
+) -> None:
+    """POST a job action and print the job's new status and counts."""
     with cli_errors(), api_client(server, token) as client:
         setup_logging(log_level)
-        view = client.post(f"/api/v2/jobs/{job_id}/retry/")
+        view = client.post(f"/api/v2/jobs/{job_id}/{action}/")
         out.print(f"job {job_id}: {view.get('status')} · {counts_line(view.get('counts') or {})}")
 
 

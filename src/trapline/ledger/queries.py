@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from trapline.ledger.models import ImageState, JobImage
+from trapline.errors import NotFound
+from trapline.ledger.models import Detection, ImageState, JobImage
 
 
 @dataclass
@@ -52,3 +53,23 @@ async def remaining_images(session: AsyncSession, job_id: int) -> int:
         )
     )
     return int(n or 0)
+
+
+async def image_row(session: AsyncSession, job_id: int, image_id: str) -> JobImage:
+    """The ledger row of one image of a job; NotFound names both."""
+    row = await session.scalar(
+        select(JobImage).where(JobImage.job_id == job_id, JobImage.image_id == image_id)
+    )
+    if row is None:
+        raise NotFound(f"image {image_id!r} is not in job {job_id}")
+    return row
+
+
+async def image_detections(session: AsyncSession, job_id: int, image_id: str) -> list[Detection]:
+    """One image's detections in the order the pipeline gave them."""
+    rows = await session.scalars(
+        select(Detection)
+        .where(Detection.job_id == job_id, Detection.image_id == image_id)
+        .order_by(Detection.idx)
+    )
+    return list(rows.all())

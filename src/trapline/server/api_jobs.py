@@ -25,6 +25,7 @@ from trapline.ledger.models import (
     Project,
     utcnow,
 )
+from trapline.ledger.queries import image_detections, image_row
 from trapline.server import lifecycle
 from trapline.server.api_worker import load_job
 from trapline.server.auth import Admin, Caller, Ctx, check_project
@@ -127,11 +128,7 @@ async def show_image(job_id: int, image_id: str, ctx: Ctx, caller: Caller) -> di
     """One image's ledger row, its full history and its detections."""
     await load_job(ctx, caller, job_id)
     async with ctx.sessions() as session:
-        row = await session.scalar(
-            select(JobImage).where(JobImage.job_id == job_id, JobImage.image_id == image_id)
-        )
-        if row is None:
-            raise NotFound(f"image {image_id!r} is not in job {job_id}")
+        row = await image_row(session, job_id, image_id)
         history = (
             await session.scalars(
                 select(JobEvent)
@@ -139,13 +136,7 @@ async def show_image(job_id: int, image_id: str, ctx: Ctx, caller: Caller) -> di
                 .order_by(JobEvent.id)
             )
         ).all()
-        dets = (
-            await session.scalars(
-                select(Detection)
-                .where(Detection.job_id == job_id, Detection.image_id == image_id)
-                .order_by(Detection.idx)
-            )
-        ).all()
+        dets = await image_detections(session, job_id, image_id)
     return {
         **image_view(row),
         "history": [event_view(e) for e in history],

@@ -19,11 +19,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
-from sqlalchemy import select
 
 import trapline
-from trapline.errors import NotFound
-from trapline.ledger.models import Detection, ImageState, JobImage
+from trapline.ledger.models import ImageState
+from trapline.ledger.queries import image_detections, image_row
 from trapline.server import annotate
 from trapline.server.api_worker import load_job
 from trapline.server.auth import Caller, Ctx
@@ -98,18 +97,8 @@ async def annotated_image(
     """
     job = await load_job(ctx, caller, job_id)
     async with ctx.sessions() as session:
-        row = await session.scalar(
-            select(JobImage).where(JobImage.job_id == job_id, JobImage.image_id == image_id)
-        )
-        if row is None:
-            raise NotFound(f"image {image_id!r} is not in job {job_id}")
-        detections = (
-            await session.scalars(
-                select(Detection)
-                .where(Detection.job_id == job_id, Detection.image_id == image_id)
-                .order_by(Detection.idx)
-            )
-        ).all()
+        row = await image_row(session, job_id, image_id)
+        detections = await image_detections(session, job_id, image_id)
     try:
         jpeg = await annotate.annotated_jpeg(
             url=row.url,
