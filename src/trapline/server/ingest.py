@@ -145,6 +145,13 @@ async def ingest(
                 statuses[item.index] = ItemStatus(
                     item.reply_subject, "rejected", reason=item.rejected
                 )
+                log.warning(
+                    "job %s: rejected result item for image %s (%s): %s",
+                    job.id,
+                    item.image_id or "unknown",
+                    item.reply_subject or "no reply_subject",
+                    item.rejected,
+                )
         report = IngestReport([s for s in statuses if s is not None])
         for s in report.items:
             metrics.RESULTS.labels(s.status).inc()
@@ -159,8 +166,6 @@ async def ingest(
             f"{report.count('duplicate')} duplicate, {len(rejected)} rejected",
             level=logging.WARNING if rejected else logging.INFO,
         )
-        for s in rejected:
-            log.warning("job %s: rejected result item (%s): %s", job.id, s.reply_subject, s.reason)
         events.record_history(
             session,
             job.id,
