@@ -192,9 +192,17 @@ async def test_worker_killed_with_results_in_its_outbox_while_the_server_is_down
     server = await procs.server(
         database_url=database_url, nats_url=nats_server.url, ack_wait_s=ACK_WAIT_S
     )
-    job = await create_job(server, JOB_IMAGES, pipeline="null")
+    job = await create_job(server, JOB_IMAGES, pipeline=ONE_BOX)
+    # 0.3 s of compute per batch: when the server dies there is always a batch in
+    # compute or prefetched, whose results can only go to the outbox.
     worker = procs.worker(
-        server_url=server.url, token=server.worker_token, name="outboxed", batch_size=BATCH
+        server_url=server.url,
+        token=server.worker_token,
+        name="outboxed",
+        batch_size=BATCH,
+        pipeline=ONE_BOX,
+        test_pipeline=True,
+        compute_s=0.3,
     )
     await until(
         lambda: _at_least(server, job["id"], 6 * BATCH), 60, "the worker to deliver some batches"
