@@ -24,11 +24,10 @@ from trapline.pipelines.moth_detector import (
     SIZE_LABELS,
     SMALL_MAX_FRACTION,
     MothDetectorPipeline,
-    RawDetection,
-    detect_insects,
     size_class,
 )
 from trapline.pipelines.registry import available_pipelines
+from trapline.pipelines.sheet_detector import RawDetection, detect_insects
 
 RGB = npt.NDArray[np.uint8]
 Box = tuple[float, float, float, float]
