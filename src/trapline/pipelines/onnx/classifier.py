@@ -60,15 +60,7 @@ class Classifier:
         self.section = section
         self.labels = labels
         self.key = key
-        self.spec = InputSpec(
-            width=section.input_size[0],
-            height=section.input_size[1],
-            resize=section.resize,
-            pad_value=section.pad_value,
-            pad_position=section.pad_position,
-            interpolation=section.interpolation,
-            normalization=section.normalization,
-        )
+        self.spec = InputSpec.of(section)
         self.model: OnnxModel | None = None
         self._output = ""
 

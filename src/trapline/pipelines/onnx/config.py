@@ -75,7 +75,7 @@ class Normalization(_Table):
         return value
 
 
-class _ModelSection(_Table):
+class ModelSection(_Table):
     """What the detector and the classifier share: the model file and its input."""
 
     model: Path
@@ -144,7 +144,7 @@ class DetectorOutput(_Table):
         return "cxcywh" if self.format == "yolo" else "xyxy"
 
 
-class DetectorSection(_ModelSection):
+class DetectorSection(ModelSection):
     """``[detector]``: the box model, its thresholds and (optionally) its class names."""
 
     output: DetectorOutput
@@ -154,7 +154,7 @@ class DetectorSection(_ModelSection):
     class_agnostic_nms: bool = True
 
 
-class ClassifierSection(_ModelSection):
+class ClassifierSection(ModelSection):
     """``[classifier]``: a crop classifier run on every detection."""
 
     resize: Literal["letterbox", "stretch"] = "stretch"

@@ -264,16 +264,7 @@ class Detector:
         self.section = section
         self.labels = labels
         self.key = key
-        norm = section.normalization
-        self.spec = InputSpec(
-            width=section.input_size[0],
-            height=section.input_size[1],
-            resize=section.resize,
-            pad_value=section.pad_value,
-            pad_position=section.pad_position,
-            interpolation=section.interpolation,
-            normalization=norm,
-        )
+        self.spec = InputSpec.of(section)
         self.model: OnnxModel | None = None
         self._outputs: list[str] = []
 

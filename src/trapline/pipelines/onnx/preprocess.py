@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from trapline.pipelines.base import RGBImage
-from trapline.pipelines.onnx.config import Normalization
+from trapline.pipelines.onnx.config import ModelSection, Normalization
 
 FloatArray = npt.NDArray[np.float64]
 Tensor = npt.NDArray[np.floating[Any]]
@@ -65,6 +65,19 @@ class InputSpec:
     normalization: Normalization
     # float32, or float16 for a half-precision model input.
     dtype: type[np.floating[Any]] = np.float32
+
+    @classmethod
+    def of(cls, section: ModelSection) -> InputSpec:
+        """The input a detector or classifier section describes (float32 until loaded)."""
+        return cls(
+            width=section.input_size[0],
+            height=section.input_size[1],
+            resize=section.resize,
+            pad_value=section.pad_value,
+            pad_position=section.pad_position,
+            interpolation=section.interpolation,
+            normalization=section.normalization,
+        )
 
     def tensor_shape(self) -> tuple[int, int, int]:
         if self.normalization.layout == "NCHW":
