@@ -211,18 +211,21 @@ async def _apply(
             .execution_options(synchronize_session=False)
         )
         return "accepted" if changed.rowcount == 1 else "duplicate"  # type: ignore[attr-defined]
-    previous = await session.scalar(
-        select(JobImage.state)
-        .where(JobImage.id == row.id)
-        .execution_options(populate_existing=True)
-    )
-    changed = await session.execute(
-        update(JobImage)
-        .where(JobImage.id == row.id, JobImage.state != ImageState.DONE)
-        .values(state=ImageState.DONE, result_at=now, lease_deadline=None, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    if changed.rowcount != 1:  # type: ignore[attr-defined]
+    # A success sets the outcome where none is known yet; failing that, it upgrades a
+    # failed image. Two conditional UPDATEs tell which, exactly, without a read first;
+    # the common case (queued or reserved) costs one statement.
+    upgraded = False
+    for from_states in ([ImageState.QUEUED, ImageState.RESERVED], [ImageState.FAILED]):
+        changed = await session.execute(
+            update(JobImage)
+            .where(JobImage.id == row.id, JobImage.state.in_(from_states))
+            .values(state=ImageState.DONE, result_at=now, lease_deadline=None, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if changed.rowcount == 1:  # type: ignore[attr-defined]
+            upgraded = from_states == [ImageState.FAILED]
+            break
+    else:
         return "duplicate"
     assert item.success is not None
     success = item.success
@@ -263,7 +266,7 @@ async def _apply(
         )
         for n, d in enumerate(success.detections)
     )
-    if previous == ImageState.FAILED:
+    if upgraded:
         events.record(
             session,
             job.id,
