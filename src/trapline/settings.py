@@ -40,6 +40,24 @@ class ServerSettings(_Base):
     reserve_wait_s: float = 0.5
     max_body_bytes: int = 64 * 1024 * 1024
     reconcile_interval_s: float = 1.0
+    waiting_after_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="A running job with queued images, none reserved and nothing changed for "
+        "this long says 'waiting for a worker' in its view; waiting never fails a job",
+    )
+    pending_requeue_after_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="A job left PENDING this long (its queue build was interrupted) is "
+        "re-queued from the ledger by the reconciler",
+    )
+    queue_check_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="How often the reconciler checks that every running job still has its "
+        "queue (re-queuing from the ledger if not) and removes finished jobs' queues",
+    )
     signed_url_ttl_s: int = 24 * 3600
     nats_connect_timeout_s: float = 5.0
 

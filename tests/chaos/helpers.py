@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sqlite3
-import time
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.support import bodies
+from tests.support.polling import until
 from tests.support.processes import ServerProcess
 
 T = TypeVar("T")
@@ -24,20 +22,6 @@ RESULT_POSTS = -(-JOB_IMAGES // BATCH)
 RESULT_PATH = r"^/api/v2/jobs/\d+/result/?$"
 
 _RESULT_LINE = re.compile(r"results from .*: (\d+) accepted, (\d+) duplicate, (\d+) rejected")
-
-
-async def until(
-    probe: Callable[[], Awaitable[T | None]], limit_s: float, what: str, interval: float = 0.1
-) -> T:
-    """Poll ``probe`` until it returns something truthy; that value. AssertionError on timeout."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {limit_s:g} s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 def ts(iso: str) -> float:
@@ -75,7 +59,7 @@ async def wait_finished(server: ServerProcess, job_id: int, limit_s: float) -> d
         return view if view["status"] in FINISHED else None
 
     try:
-        return await until(probe, limit_s, f"job {job_id} to finish", interval=0.1)
+        return await until(probe, f"job {job_id} to finish", limit_s, interval_s=0.1)
     except AssertionError:
         view = await job_view(server, job_id)
         raise AssertionError(

@@ -20,10 +20,10 @@ from tests.chaos.helpers import (
     image_detail,
     images,
     job_view,
-    until,
     wait_finished,
 )
 from tests.chaos.pipelines import FAIL_REASON, ONE_BOX
+from tests.support.polling import until
 from tests.support.processes import Processes
 from trapline.queue import EmbeddedNats
 
@@ -74,7 +74,7 @@ async def test_every_failed_image_has_a_warning_log_line_naming_it(
         return len(held) == 96 and len({r["lease_deadline"] for r in held}) == 1
 
     await until(
-        holds_three_batches_on_one_lease, 60, "the doomed worker to hold 96 tasks", interval=0.05
+        holds_three_batches_on_one_lease, "the doomed worker to hold 96 tasks", 60, interval_s=0.05
     )
     doomed.kill()
     await doomed.wait(10)
@@ -83,7 +83,7 @@ async def test_every_failed_image_has_a_warning_log_line_naming_it(
         return int((await job_view(server, job["id"]))["counts"]["failed"]) >= 96
 
     # Only then the other worker: its pulls cannot race the reconciler for them.
-    await until(doomed_tasks_failed, 30, "the doomed worker's 96 tasks to fail")
+    await until(doomed_tasks_failed, "the doomed worker's 96 tasks to fail", 30)
     finisher = procs.worker(name="finisher", batch_size=16, **common)
     view = await wait_finished(server, job["id"], 90)
     finisher_code = await finisher.stop()

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.chaos
 RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 
-async def test_worker_cli_logs_to_a_file_as_whole_timestamped_lines(tmp_path: Path) -> None:
+async def test_worker_cli_logs_to_a_file_as_whole_timestamped_lines(
+    tmp_path: Path, refused_port: int
+) -> None:
     """``trapline worker`` with its output in a file (no terminal), as under systemd.
 
     Bug: src/trapline/cli/worker_cmd.py configures Rich logging even when stderr
@@ -27,7 +29,7 @@ async def test_worker_cli_logs_to_a_file_as_whole_timestamped_lines(tmp_path: Pa
     80 columns, the time alone (no date) and only when it changed, no level
     prefix on continuation lines.
     """
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: the worker warns and retries
+    dead = f"http://127.0.0.1:{refused_port}"  # nothing listens: the worker warns and retries
     env = child_env()
     env.pop("COLUMNS", None)  # as under systemd or a batch scheduler
     worker = ManagedProcess(
@@ -62,7 +64,9 @@ async def test_worker_cli_logs_to_a_file_as_whole_timestamped_lines(tmp_path: Pa
     assert any(dead in ln and "retrying" in ln for ln in lines)
 
 
-async def test_server_cli_logs_to_a_file_as_whole_timestamped_lines(tmp_path: Path) -> None:
+async def test_server_cli_logs_to_a_file_as_whole_timestamped_lines(
+    tmp_path: Path, refused_port: int
+) -> None:
     """The server already does this right (Rich only on a terminal): the reference."""
     server = ManagedProcess(
         name="server-logs",
@@ -71,7 +75,7 @@ async def test_server_cli_logs_to_a_file_as_whole_timestamped_lines(tmp_path: Pa
             {
                 "TRAPLINE_DATA_DIR": tmp_path / "data",
                 # Nothing listens there: start-up fails with a long one-line error.
-                "TRAPLINE_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+                "TRAPLINE_NATS_URL": f"nats://127.0.0.1:{refused_port}",
                 "TRAPLINE_NATS_CONNECT_TIMEOUT_S": 1,
             }
         ),

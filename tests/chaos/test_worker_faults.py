@@ -20,15 +20,18 @@ from tests.chaos.helpers import (
     JOB_IMAGES,
     at_rest,
     create_job,
+    detections_per_image,
+    image_detail,
     images,
+    job_logs,
     job_view,
     outbox_pending,
     result_totals,
     ts,
-    until,
     wait_finished,
 )
 from tests.chaos.pipelines import ONE_BOX, factory
+from tests.support.polling import until
 from tests.support.processes import Processes, ServerProcess, WorkerProcess
 from trapline.queue import EmbeddedNats
 from trapline.settings import WorkerSettings
@@ -37,6 +40,7 @@ from trapline.worker import run_worker
 pytestmark = pytest.mark.chaos
 
 ACK_WAIT_S = 3.0
+RECONCILE_INTERVAL_S = 1.0
 
 
 def backend(database_url: str) -> str:
@@ -79,7 +83,7 @@ async def test_worker_sigkilled_mid_batch_while_another_runs_is_redelivered_with
         held = await held_by(server, job["id"], victim)
         return len(held) >= BATCH and await done_count(server, job["id"]) >= 4 * BATCH
 
-    await until(victim_mid_job, 60, "the victim to hold a batch mid-job", interval=0.05)
+    await until(victim_mid_job, "the victim to hold a batch mid-job", 60, interval_s=0.05)
     killed_at = victim.kill()
     assert await victim.wait(10) == -9
     stranded = {r["image_id"] for r in await held_by(server, job["id"], victim)}
@@ -142,7 +146,7 @@ async def test_worker_sigtermed_mid_job_releases_its_unprocessed_tasks_to_anothe
         ]
         return held if done_by_leaving else None
 
-    held = await until(leaving_mid_job, 60, "the leaving worker to hold tasks mid-job", 0.05)
+    held = await until(leaving_mid_job, "the leaving worker to hold tasks mid-job", 60, 0.05)
     termed_at = leaving.terminate()
     loop = asyncio.get_running_loop()
     termed_loop = loop.time()
@@ -205,7 +209,7 @@ async def test_worker_killed_with_results_in_its_outbox_while_the_server_is_down
         compute_s=0.3,
     )
     await until(
-        lambda: _at_least(server, job["id"], 6 * BATCH), 60, "the worker to deliver some batches"
+        lambda: _at_least(server, job["id"], 6 * BATCH), "the worker to deliver some batches", 60
     )
     server.kill()  # the server crashes: nothing answers any more
     assert await server.wait(10) == -9
@@ -214,7 +218,7 @@ async def test_worker_killed_with_results_in_its_outbox_while_the_server_is_down
     async def outbox_has_results() -> list[tuple[int, list[str]]]:
         return outbox_pending(worker.state_dir)
 
-    await until(outbox_has_results, 30, "a result batch in the worker's outbox")
+    await until(outbox_has_results, "a result batch in the worker's outbox", 30)
     worker.kill()
     assert await worker.wait(10) == -9
     kept = outbox_pending(worker.state_dir)
@@ -337,7 +341,7 @@ async def test_worker_sigkilled_on_the_last_allowed_delivery_fails_its_images_ne
         nats_url=nats_server.url,
         ack_wait_s=ACK_WAIT_S,
         max_deliver=1,
-        reconcile_interval_s=1.0,  # the default
+        reconcile_interval_s=RECONCILE_INTERVAL_S,  # the default
     )
     job = await create_job(server, JOB_IMAGES, pipeline=ONE_BOX, failure_threshold=0.5)
     common: dict[str, Any] = {
@@ -355,30 +359,76 @@ async def test_worker_sigkilled_on_the_last_allowed_delivery_fails_its_images_ne
         ok = len(held) >= 3 * BATCH and len({r["lease_deadline"] for r in held}) == 1
         return held if ok else None
 
-    held = await until(held_on_one_lease, 60, "the doomed worker to hold 3 batches", 0.05)
+    held = await until(held_on_one_lease, "the doomed worker to hold 3 batches", 60, 0.05)
     # The other worker is pulling when the leases lapse, as in any busy deployment.
     survivor = procs.worker(name="survivor", **common)
     await survivor.wait_for_log(r"registered pipelines", 30)
-    doomed.kill()
-    await doomed.wait(10)
+    killed_at = doomed.kill()
+    doomed_code = await doomed.wait(10)
     view = await wait_finished(server, job["id"], 90)
     survivor_code = await survivor.stop()
     rows = {r["image_id"]: r for r in await images(server, job["id"])}
     held_ids = {r["image_id"] for r in held}
     over_budget = sorted((i for i, r in rows.items() if r["deliveries"] > 1), key=int)
+    failed = {i for i, r in rows.items() if r["state"] == "failed"}
+    done = {i for i, r in rows.items() if r["state"] == "done"}
+    per_image = await detections_per_image(server, job["id"])
+    histories = {i: await image_detail(server, job["id"], i) for i in sorted(held_ids, key=int)}
+    logs = await job_logs(server, job["id"])
+    # The server's process log names every failed image (the stored job line may
+    # abbreviate a long list); its lines for this failure, with their ids.
+    exhausted_lines = server.log_lines(
+        rf"ERROR trapline\.jobs: job {job['id']}: failed: max deliveries exhausted"
+    )
+    named_in_log = {i for line in exhausted_lines for i in _bracketed_ids(line)}
+    detected_s = [ts(rows[i]["failed_at"]) - killed_at for i in failed if rows[i]["failed_at"]]
     measure(
         backend=backend(database_url),
         held_by_killed=len(held_ids),
         failed=view["counts"]["failed"],
         delivered_beyond_max_deliver=len(over_budget),
+        failed_after_kill_max_s=round(max(detected_s), 2) if detected_s else None,
     )
+    assert doomed_code == -9, doomed.log_tail()
     assert survivor_code == 0, survivor.log_tail()
     at_rest(view)
     assert over_budget == [], (
         f"{len(over_budget)} images leased beyond max_deliver=1 (dispatch._lease re-leases a "
         f"lapsed last delivery that JetStream redelivers before the reconciler fails it)"
     )
-    assert all(rows[i]["state"] == "failed" for i in held_ids)
-    assert all("max deliveries exhausted" in (rows[i]["reason"] or "") for i in held_ids)
+    # Exactly the images the killed worker held failed, each for its exhausted lease.
+    assert failed == held_ids
+    for i in held_ids:
+        reason = str(rows[i]["reason"])
+        assert reason.startswith("max deliveries exhausted (1 of 1; last holder "), reason
+        assert doomed.holds(reason.split("last holder ", 1)[1]), reason
+        assert rows[i]["leases"] == 1 and rows[i]["result_at"] is None, rows[i]
+    # Detected once the lease lapsed: no later than one lease plus one reconciler sweep
+    # (and a loaded machine's delay) after the kill.
+    assert len(detected_s) == len(held_ids)
+    assert max(detected_s) <= ACK_WAIT_S + RECONCILE_INTERVAL_S + 5.0, detected_s
+    # ... and reported: an ERROR history line on each image, the images named in the
+    # server's log, and the job's final line listing them as failed.
+    for i, detail in histories.items():
+        lines = [h for h in detail["history"] if "max deliveries exhausted" in h["message"]]
+        assert [h["level"] for h in lines] == ["ERROR"], (i, detail["history"])
+        assert detail["detections"] == []
+    assert named_in_log == held_ids, sorted(named_in_log ^ held_ids, key=int)
+    summary = f"finished SUCCESS: {len(done)} done, {len(held_ids)} failed of {JOB_IMAGES}"
+    finished_lines = [line for line in logs if line["message"].startswith("finished ")]
+    assert [line["level"] for line in finished_lines] == ["WARNING"], finished_lines
+    assert finished_lines[0]["message"].startswith(summary), finished_lines
+    # Under the failure threshold (0.5): the job succeeds with its failed images named.
+    assert view["status"] == "SUCCESS"
     assert view["counts"]["failed"] == len(held_ids)
-    assert view["counts"]["done"] == JOB_IMAGES - len(held_ids)
+    assert view["counts"]["done"] == len(done) == JOB_IMAGES - len(held_ids)
+    # The others were processed once each by whoever held them: one detection per done
+    # image (ONE_BOX), none for a failed one.
+    assert per_image == dict.fromkeys(done, 1)
+    assert view["detections"] == len(done)
+
+
+def _bracketed_ids(line: str) -> list[str]:
+    """The image ids of a log line ending ``[id, id, ...]`` (optionally ``(part n of m)``)."""
+    inside = line[line.rindex("[") + 1 : line.rindex("]")]
+    return [i.strip() for i in inside.split(",") if i.strip()]

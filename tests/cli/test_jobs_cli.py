@@ -14,6 +14,7 @@ from PIL import Image
 
 from tests.cli.helpers import Cli, assert_one_line_error, last_line
 from tests.support import bodies
+from tests.support.polling import until
 from tests.support.servers import RunningServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -193,11 +194,12 @@ async def test_job_create_input_errors_are_one_line(server: RunningServer, tmp_p
 
 
 async def test_http_commands_report_an_unreachable_server_and_a_bad_token(
-    server: RunningServer,
+    server: RunningServer, refused_port: int
 ) -> None:
     cli = Cli(server)
-    down = await cli.run("job", "status", "1", "--server", "http://127.0.0.1:9", "--token", "t")
-    assert_one_line_error(down, "cannot reach server at http://127.0.0.1:9")
+    nobody = f"http://127.0.0.1:{refused_port}"
+    down = await cli.run("job", "status", "1", "--server", nobody, "--token", "t")
+    assert_one_line_error(down, f"cannot reach server at {nobody}")
     assert down.exit_code == 2
     bad = await cli.http("job", "list", token="tl_nope")
     assert_one_line_error(bad, "401")
@@ -233,13 +235,27 @@ async def test_job_status_summary_is_readable(server: RunningServer) -> None:
     assert "detections: 6" in text
 
 
+async def watch_is_following(
+    server: RunningServer, job_id: int, watching: asyncio.Task[Any], polls: int = 2
+) -> None:
+    """Wait until the watching CLI has fetched the job ``polls`` times and is still going."""
+    path = f"/api/v2/jobs/{job_id}/"
+
+    async def polled() -> bool:
+        if watching.done():
+            raise AssertionError(f"watch ended early: {watching.result().output}")
+        seen = [r for r in server.requests if r.path == path and r.user_agent == "trapline-cli"]
+        return len(seen) >= polls
+
+    await until(polled, f"the watching CLI to fetch job {job_id} {polls} times", 30)
+
+
 async def test_job_status_watch_follows_until_success_and_exits_0(server: RunningServer) -> None:
     job = await create_job(server, 20)
     watching = asyncio.create_task(
         Cli(server).http("job", "status", str(job["id"]), "--watch", "--interval", "0.2")
     )
-    await asyncio.sleep(0.5)
-    assert not watching.done()
+    await watch_is_following(server, job["id"], watching)
     await process(server, job["id"])
     result = await asyncio.wait_for(watching, 30)
     assert result.exit_code == 0, result.output
@@ -252,7 +268,7 @@ async def test_job_status_watch_exits_1_when_the_job_is_revoked(server: RunningS
     watching = asyncio.create_task(
         Cli(server).http("job", "status", str(job["id"]), "--watch", "--interval", "0.2", "--json")
     )
-    await asyncio.sleep(0.5)
+    await watch_is_following(server, job["id"], watching)
     async with server.client() as admin:
         assert (await admin.post(f"/api/v2/jobs/{job['id']}/cancel/")).status_code == 200
     result = await asyncio.wait_for(watching, 30)

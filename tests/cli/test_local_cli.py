@@ -41,11 +41,13 @@ def test_doctor_passes_with_a_reachable_nats_and_sqlite(
     assert not (tmp_path / "fresh.db").exists()  # doctor looks, it creates nothing
 
 
-def test_doctor_fails_on_an_unreachable_nats_and_masks_passwords(tmp_path: Path) -> None:
+def test_doctor_fails_on_an_unreachable_nats_and_masks_passwords(
+    tmp_path: Path, refused_port: int
+) -> None:
     env = {
-        "TRAPLINE_NATS_URL": "nats://127.0.0.1:9",
+        "TRAPLINE_NATS_URL": f"nats://127.0.0.1:{refused_port}",
         "TRAPLINE_NATS_CONNECT_TIMEOUT_S": "1",
-        "TRAPLINE_DATABASE_URL": "postgresql+asyncpg://u:hunter2@127.0.0.1:9/db",
+        "TRAPLINE_DATABASE_URL": f"postgresql+asyncpg://u:hunter2@127.0.0.1:{refused_port}/db",
     }
     result = Cli().invoke("doctor", env=env)
     assert result.exit_code == 1, result.output

@@ -945,20 +945,87 @@ def test_classifier_batches_crops_across_images(
     assert labels == [["green", "red"]] * 3  # the black crop's logits tie: the first label
 
 
-def test_provider_is_logged_and_cuda_can_be_required(
+def _cuda_available() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def _bright_pipeline_file(onnx: Any, folder: Path, device: str) -> Path:
+    bright_box_detector(onnx, folder / "bright.onnx", 64, 64)
+    body = BRIGHT.format(w=64, h=64, resize="stretch", layout="NCHW", order="RGB", units="pixels")
+    return write_toml(folder, body + f'\n[runtime]\ndevice = "{device}"\n')
+
+
+def _provider_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "bright.onnx runs on" in r.getMessage()]
+
+
+def test_auto_device_takes_cuda_when_there_is_one_and_logs_the_provider(
     onnx_tools: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="trapline.pipelines.onnx"):
+        pipeline = loaded(_bright_pipeline_file(onnx_tools, tmp_path, "auto"))
+    assert isinstance(pipeline, OnnxPipeline) and pipeline.detector.model is not None
+    expected = "CUDAExecutionProvider" if _cuda_available() else "CPUExecutionProvider"
+    assert pipeline.detector.model.provider == expected
+    assert _provider_lines(caplog) == [f"detector model bright.onnx runs on {expected}"]
+
+
+@pytest.mark.skipif(
+    not _cuda_available(),
+    reason="onnxruntime here has no CUDAExecutionProvider (needs onnxruntime-gpu and a GPU)",
+)
+def test_device_cuda_runs_the_model_on_the_gpu(
+    onnx_tools: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="trapline.pipelines.onnx"):
+        pipeline = loaded(_bright_pipeline_file(onnx_tools, tmp_path, "cuda"))
+    assert isinstance(pipeline, OnnxPipeline) and pipeline.detector.model is not None
+    assert pipeline.detector.model.session.get_providers()[0] == "CUDAExecutionProvider"
+    assert pipeline.detector.model.provider == "CUDAExecutionProvider"
+    assert _provider_lines(caplog) == ["detector model bright.onnx runs on CUDAExecutionProvider"]
+    [result] = run(pipeline, scene(320, 160, (60, 40, 160, 100)))
+    assert result.error is None
+    [det] = result.detections
+    assert det.bbox == pytest.approx((60.0, 40.0, 160.0, 100.0), abs=1e-3)
+
+
+# Whether onnxruntime has a working CUDA provider is down to the machine, not to us: the
+# two tests below set it by patching onnxruntime, so both error paths run on every host.
+
+
+def test_device_cuda_without_a_cuda_provider_is_a_clear_error(
+    onnx_tools: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import onnxruntime
 
-    bright_box_detector(onnx_tools, tmp_path / "bright.onnx", 64, 64)
-    body = BRIGHT.format(w=64, h=64, resize="stretch", layout="NCHW", order="RGB", units="pixels")
-    with caplog.at_level("INFO", logger="trapline.pipelines.onnx"):
-        loaded(write_toml(tmp_path, body))
-    assert any("bright.onnx runs on" in r.getMessage() for r in caplog.records)
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        pytest.skip("CUDA is available here: device = 'cuda' would load")
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    path = _bright_pipeline_file(onnx_tools, tmp_path, "cuda")
     with pytest.raises(PipelineError, match=r"no CUDAExecutionProvider.*onnxruntime-gpu"):
-        loaded(write_toml(tmp_path, body + '\n[runtime]\ndevice = "cuda"\n'))
+        loaded(path)
+
+
+def test_device_cuda_is_an_error_when_the_cuda_provider_falls_back_to_the_cpu(
+    onnx_tools: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listed CUDA provider that cannot start (no cuDNN, no GPU) leaves onnxruntime on
+    the CPU with only a warning of its own: device = 'cuda' must not carry on like that."""
+    import onnxruntime
+
+    real_session = onnxruntime.InferenceSession
+
+    def cuda_that_does_not_start(*args: Any, **kwargs: Any) -> Any:
+        return real_session(*args, **{**kwargs, "providers": ["CPUExecutionProvider"]})
+
+    listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: listed)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", cuda_that_does_not_start)
+    path = _bright_pipeline_file(onnx_tools, tmp_path, "cuda")
+    with pytest.raises(PipelineError, match="device = 'cuda' but the detector model runs on CPU"):
+        loaded(path)
 
 
 def test_float16_model_input(onnx_tools: Any, tmp_path: Path) -> None:
@@ -972,8 +1039,6 @@ def test_float16_model_input(onnx_tools: Any, tmp_path: Path) -> None:
 
 def test_documented_examples_are_valid(tmp_path: Path) -> None:
     docs = Path(__file__).resolve().parents[2] / "docs" / "onnx-pipelines.md"
-    if not docs.is_file():
-        pytest.skip(f"{docs} is not in this checkout")
     blocks = docs.read_text(encoding="utf-8").split("```toml\n")[1:]
     assert len(blocks) >= 2
     for n, block in enumerate(blocks):

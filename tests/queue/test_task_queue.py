@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 
-from trapline.queue import EmbeddedNats, TaskQueue
+from tests.support.polling import until
+from trapline.queue import Delivery, EmbeddedNats, TaskQueue
 
 
 @pytest.fixture
@@ -35,18 +35,22 @@ async def test_a_stale_receipt_acts_on_the_current_delivery(queue: TaskQueue) ->
     await queue.create_job_queue(2, 1)
     await queue.publish_tasks(2, 1, [{"image_id": "a"}])
     first = await queue.reserve(2, 1, 1, wait_s=0.5)
-    await asyncio.sleep(1.2)
-    second = await queue.reserve(2, 1, 1, wait_s=1.0)
+
+    async def redelivered() -> list[Delivery]:
+        return await queue.reserve(2, 1, 1, wait_s=0.5)
+
+    # Unacknowledged, the 1 s lease lapses and the message comes back.
+    second = await until(redelivered, "the lapsed message's redelivery", 10)
     assert second[0].delivered == 2
     await queue.ack([first[0].reply_subject])  # the stale one
-    # The consumer applies ACKs asynchronously: poll, bounded, for the effect.
-    for _ in range(50):
+
+    async def nothing_pending() -> bool:
         stats = await queue.consumer_stats(2, 1)
         assert stats is not None
-        if stats.num_ack_pending == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert stats.num_ack_pending == 0
+        return stats.num_ack_pending == 0
+
+    # The consumer applies ACKs asynchronously: wait for the effect.
+    await until(nothing_pending, "the consumer to apply the ACK", 5)
     # Nothing is left to deliver: the ACK settled the current (second) delivery.
     assert await queue.reserve(2, 1, 1, wait_s=1.5) == []
 

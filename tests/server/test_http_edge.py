@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import PG_URL
 from tests.server.test_worker_api import create_job, job_view, post_results, reserve
 from tests.support import bodies
-from tests.support.servers import RunningServer
+from tests.support.databases import fresh_database
+from tests.support.servers import RunningServer, start_server
+from trapline.settings import ServerSettings
 
 
 async def test_requests_without_a_known_token_are_401_and_wrong_role_or_project_403(
@@ -88,8 +94,6 @@ async def test_malformed_json_is_400_and_schema_violations_422_with_the_field(
 async def test_an_oversized_body_is_413_and_the_job_is_untouched(
     server_settings: Any, database_url: str
 ) -> None:
-    from tests.support.servers import start_server
-
     settings = server_settings.model_copy(update={"max_body_bytes": 10_000})
     async with start_server(settings) as server:
         job = await create_job(server, 2)
@@ -161,13 +165,118 @@ async def test_health_reports_nats_and_database(server: RunningServer) -> None:
     assert "/api/v2/jobs/{job_id}/result/" in docs.json()["paths"]
 
 
+def trapline_counters(exposition: str) -> dict[str, float]:
+    """Every ``trapline_*_total`` series of a /metrics page, keyed as Prometheus prints it."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(exposition):
+        if family.type != "counter" or not family.name.startswith("trapline_"):
+            continue
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue  # the ``_created`` timestamps
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found
+
+
+async def scrape(server: RunningServer) -> dict[str, float]:
+    async with server.client() as c:
+        r = await c.get("/metrics")
+    assert r.status_code == 200, r.text
+    return trapline_counters(r.text)
+
+
+# What a server that has done nothing yet exports: unlabelled counters at zero, no series
+# of the labelled ones.
+UNTOUCHED = {
+    "trapline_reserves_total": 0.0,
+    "trapline_tasks_reserved_total": 0.0,
+    "trapline_lease_expiries_total": 0.0,
+}
+
+
 async def test_queue_stats_and_metrics_follow_the_work(server: RunningServer) -> None:
+    assert await scrape(server) == UNTOUCHED
     job = await create_job(server, 3)
     async with server.worker_client() as w:
         tasks = await reserve(w, job["id"], 2)
         q = (await w.get(f"/api/v2/jobs/{job['id']}/queue/")).json()
         assert q["consumer"]["num_ack_pending"] == 2 and q["consumer"]["num_pending"] == 1
         await post_results(w, job["id"], [bodies.success(t) for t in tasks])
-        metrics = (await w.get("/metrics")).text
-    assert "trapline_tasks_reserved_total" in metrics
-    assert 'trapline_results_total{status="accepted"}' in metrics
+        # The same result again, and one naming a receipt the server never issued.
+        forged = {**tasks[0], "reply_subject": "$JS.ACK.nobody.nothing.1.1.1.1.0"}
+        await post_results(w, job["id"], [bodies.success(tasks[0]), bodies.success(forged)])
+        assert await scrape(server) == {
+            **UNTOUCHED,
+            "trapline_reserves_total": 1.0,
+            "trapline_tasks_reserved_total": 2.0,
+            'trapline_results_total{status="accepted"}': 2.0,
+            'trapline_results_total{status="duplicate"}': 1.0,
+            'trapline_results_total{status="rejected"}': 1.0,
+        }
+        last = await reserve(w, job["id"], 5)
+        assert len(last) == 1
+        await post_results(w, job["id"], [bodies.failure(last[0])])
+        # The job is finished: this reserve hands out nothing and is not counted.
+        assert await reserve(w, job["id"], 5) == []
+        assert (await job_view(w, job["id"]))["status"] == "SUCCESS"  # 1 of 3 failed
+    assert await scrape(server) == {
+        **UNTOUCHED,
+        "trapline_reserves_total": 2.0,
+        "trapline_tasks_reserved_total": 3.0,
+        'trapline_results_total{status="accepted"}': 3.0,
+        'trapline_results_total{status="duplicate"}': 1.0,
+        'trapline_results_total{status="rejected"}': 1.0,
+        'trapline_images_failed_total{reason="worker error"}': 1.0,
+        'trapline_finalizations_total{status="SUCCESS"}': 1.0,
+    }
+
+
+async def test_two_apps_in_one_process_share_neither_metrics_nor_known_tokens(
+    server: RunningServer, server_settings: ServerSettings, tmp_path: Path
+) -> None:
+    kind = server_settings.resolved_database_url().split(":")[0].split("+")[0]
+    other_db = tmp_path / "other"
+    other_db.mkdir()
+    async with fresh_database(
+        "sqlite" if kind == "sqlite" else "postgres", other_db, PG_URL
+    ) as other_url:
+        settings = server_settings.model_copy(
+            update={"database_url": other_url, "data_dir": tmp_path / "other-data"}
+        )
+        async with start_server(settings) as other:
+            # Each app's tokens live in its own database; using one on its app first puts
+            # it in that app's cache, where the other app must not find it.
+            async with server.client() as here:
+                assert (await here.get("/api/v2/jobs/")).status_code == 200
+            async with other.client(server.admin_token) as there:
+                r = await there.get("/api/v2/jobs/")
+            assert r.status_code == 401 and r.json()["detail"] == "unknown token"
+
+            job = await create_job(server, 2)
+            async with server.worker_client() as w:
+                tasks = await reserve(w, job["id"], 2)
+                await post_results(w, job["id"], [bodies.success(t) for t in tasks])
+            done_here = {
+                **UNTOUCHED,
+                "trapline_reserves_total": 1.0,
+                "trapline_tasks_reserved_total": 2.0,
+                'trapline_results_total{status="accepted"}': 2.0,
+                'trapline_finalizations_total{status="SUCCESS"}': 1.0,
+            }
+            assert await scrape(server) == done_here
+            assert await scrape(other) == UNTOUCHED
+
+            job = await create_job(other, 1)
+            async with other.worker_client() as w:
+                tasks = await reserve(w, job["id"], 1)
+                await post_results(w, job["id"], [bodies.failure(tasks[0])])
+            assert await scrape(other) == {
+                **UNTOUCHED,
+                "trapline_reserves_total": 1.0,
+                "trapline_tasks_reserved_total": 1.0,
+                'trapline_results_total{status="accepted"}': 1.0,
+                'trapline_images_failed_total{reason="worker error"}': 1.0,
+                'trapline_finalizations_total{status="FAILURE"}': 1.0,
+            }
+            assert await scrape(server) == done_here

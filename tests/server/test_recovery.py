@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 
 from tests.server.test_worker_api import create_job, job_view, post_results, reserve
 from tests.support import bodies
+from tests.support.polling import until
 from tests.support.servers import start_server
 from trapline.ledger.models import JobEvent
 from trapline.queue import EmbeddedNats
@@ -33,20 +34,22 @@ async def test_nats_store_wiped_mid_job_is_requeued_from_the_ledger_and_complete
                 nats.kill()
                 shutil.rmtree(nats.store_dir)
                 nats.start()
-                deadline = time.monotonic() + 30
                 done_ids = {t["image_id"] for t in first}
-                while time.monotonic() < deadline:
+
+                async def work_until_finished() -> dict[str, Any] | None:
                     r = await w.post(f"/api/v2/jobs/{job['id']}/tasks/", json={"batch_size": 16})
                     # 503 while the server reconnects to NATS is the documented answer.
                     assert r.status_code in (200, 503), r.text
                     tasks = r.json()["tasks"] if r.status_code == 200 else []
                     if tasks:
                         await post_results(w, job["id"], [bodies.success(t) for t in tasks])
-                        done_ids |= {t["image_id"] for t in tasks}
+                        done_ids.update(t["image_id"] for t in tasks)
                     view = await job_view(w, job["id"])
-                    if view["status"] != "STARTED":
-                        break
-                    await asyncio.sleep(0.2)
+                    return None if view["status"] == "STARTED" else view
+
+                await until(
+                    work_until_finished, "the job to finish after its store was wiped", 30, 0.2
+                )
                 # The results of the tasks held across the loss are still valid outcomes.
                 late = await post_results(w, job["id"], [bodies.success(t) for t in held])
                 view = await job_view(w, job["id"])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import httpx
 
 from tests.support import bodies
-from tests.support.servers import RunningServer
+from tests.support.polling import until
+from tests.support.servers import RunningServer, start_server
+from trapline.settings import ServerSettings
 
 
 async def create_job(server: RunningServer, n: int, **extra: Any) -> dict[str, Any]:
@@ -28,41 +29,44 @@ async def reserve(client: httpx.AsyncClient, job_id: int, n: int) -> list[dict[s
 
 
 async def test_a_job_runs_end_to_end_and_finishes_the_moment_its_last_result_commits(
-    server: RunningServer,
+    server_settings: ServerSettings,
 ) -> None:
-    job = await create_job(server, 40)
-    assert job["status"] == "STARTED"
-    assert job["counts"] == {"total": 40, "queued": 40, "reserved": 0, "done": 0, "failed": 0}
-    async with server.worker_client() as w:
-        seen: set[str] = set()
-        while True:
-            tasks = await reserve(w, job["id"], 16)
-            if not tasks:
-                break
-            for t in tasks:
-                assert isinstance(t["id"], str) and isinstance(t["image_id"], str)
-                assert t["image_url"].startswith("https://")
-                seen.add(t["image_id"])
-            r = await w.post(
-                f"/api/v2/jobs/{job['id']}/result/",
-                json={"results": [bodies.success(t) for t in tasks]},
-            )
-            assert r.status_code == 200
-            body = r.json()
-            assert body["status"] == "accepted" and body["job_id"] == job["id"]
-            assert body["results_queued"] == len(tasks)
-            assert [i["status"] for i in body["tasks"]] == ["accepted"] * len(tasks)
-        final = (await w.get(f"/api/v2/jobs/{job['id']}/")).json()
-    assert len(seen) == 40
+    # No sweep during the test: only the POST of the last result can finalize the job.
+    settings = server_settings.model_copy(update={"reconcile_interval_s": 3600.0})
+    async with start_server(settings) as server:
+        job = await create_job(server, 40)
+        assert job["status"] == "STARTED"
+        assert job["counts"] == {"total": 40, "queued": 40, "reserved": 0, "done": 0, "failed": 0}
+        async with server.worker_client() as w:
+            seen: set[str] = set()
+            while len(seen) < 40:
+                tasks = await reserve(w, job["id"], 16)
+                assert tasks, f"nothing to reserve with {40 - len(seen)} images never handed out"
+                for t in tasks:
+                    assert isinstance(t["id"], str) and isinstance(t["image_id"], str)
+                    assert t["image_url"].startswith("https://")
+                    seen.add(t["image_id"])
+                r = await w.post(
+                    f"/api/v2/jobs/{job['id']}/result/",
+                    json={"results": [bodies.success(t) for t in tasks]},
+                )
+                assert r.status_code == 200
+                body = r.json()
+                assert body["status"] == "accepted" and body["job_id"] == job["id"]
+                assert body["results_queued"] == len(tasks)
+                assert [i["status"] for i in body["tasks"]] == ["accepted"] * len(tasks)
+            final = (await w.get(f"/api/v2/jobs/{job['id']}/")).json()
+            # Finalizing deleted the job's stream (without it, only a sweep would).
+            stream_left = await server.ctx.queue.job_queue_exists(job["id"], 1)
+            assert await reserve(w, job["id"], 16) == []
+    assert not stream_left
     assert final["status"] == "SUCCESS"
     assert final["counts"] == {"total": 40, "queued": 0, "reserved": 0, "done": 40, "failed": 0}
     assert final["finished_at"] is not None
     assert final["detections"] == 40
 
 
-async def post_results(
-    client: httpx.AsyncClient, job_id: int, items: list[dict[str, Any]]
-) -> dict[str, Any]:
+async def post_results(client: httpx.AsyncClient, job_id: int, items: list[Any]) -> dict[str, Any]:
     r = await client.post(f"/api/v2/jobs/{job_id}/result/", json={"results": items})
     assert r.status_code == 200, r.text
     return dict(r.json())
@@ -136,8 +140,19 @@ async def test_one_bad_item_is_rejected_while_the_others_of_its_post_are_applied
         )
         statuses = [i["status"] for i in answer["tasks"]]
         assert statuses == ["accepted", "rejected", "rejected", "rejected", "rejected"]
+        reasons = [i.get("reason") for i in answer["tasks"]]
         view = await job_view(w, job["id"])
+        # Only the accepted item was ACKed: the rejected ones' messages are still leased.
+        stats = await server.ctx.queue.consumer_stats(job["id"], 1)
+    assert reasons == [
+        None,
+        f"reply_subject is the receipt of image {tasks[1]['image_id']!r}, result is for '999'",
+        "error result names no image_id",
+        "result names no source image",
+        "item must be an object",
+    ]
     assert view["counts"] == {"total": 4, "queued": 0, "reserved": 3, "done": 1, "failed": 0}
+    assert stats is not None and stats.num_ack_pending == 3
 
 
 async def test_an_error_result_fails_the_image_with_its_reason_and_never_downgrades_a_done_one(
@@ -184,13 +199,12 @@ async def _expire_and_redeliver(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Reserve one task, let its lease lapse, and reserve its second delivery."""
     first = (await reserve(w, job_id, 1))[0]
-    deadline = asyncio.get_running_loop().time() + 15
-    while True:
-        again = await reserve(w, job_id, 1)
-        if again:
-            return first, again[0]
-        assert asyncio.get_running_loop().time() < deadline, "task never redelivered"
-        await asyncio.sleep(0.2)
+
+    async def redelivered() -> list[dict[str, Any]]:
+        return await reserve(w, job_id, 1)
+
+    again = await until(redelivered, "the lapsed task's redelivery", 15)
+    return first, again[0]
 
 
 async def test_extend_or_release_with_a_stale_receipt_is_refused(

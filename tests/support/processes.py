@@ -2,8 +2,12 @@
 
 - :class:`ServerProcess`: ``trapline server`` with its settings in ``TRAPLINE_*``
   variables (database, NATS, data dir, lease, max deliver, reconcile interval),
-  started on a fixed free port so it can be restarted at the same address;
-  :meth:`ServerProcess.start` waits until ``/healthz`` answers 200.
+  started on a fixed port so it can be restarted at the same address;
+  :meth:`ServerProcess.start_and_wait` waits until this process listens and
+  ``/healthz`` answers 200. The port is picked free and released before the child
+  binds it, so another program may take it first: the child then fails to bind,
+  which is detected, and a first start moves to another free port (a restart cannot
+  move: it fails naming the port).
 - :class:`WorkerProcess`: ``trapline worker`` (or ``python -m tests.chaos.worker_main``
   for test pipelines) with its flags.
 - Every process writes stdout and stderr to its own log file (appended across
@@ -166,6 +170,12 @@ class ManagedProcess:
         except FileNotFoundError:
             return ""
 
+    def log_of_this_start(self) -> str:
+        """The log written since the latest start (its "==== start #N" line on)."""
+        text = self.log_text()
+        at = text.rfind(f"==== start #{self.starts}:")
+        return text[at:] if at >= 0 else ""
+
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
@@ -189,6 +199,13 @@ class ManagedProcess:
             await asyncio.sleep(0.1)
 
 
+class PortTaken(RuntimeError):
+    """The server could not bind its port: another program holds it."""
+
+
+_BIND_ATTEMPTS = 5
+
+
 @dataclass
 class ServerProcess(ManagedProcess):
     """``trapline server`` on ``port``; tokens created on its database beforehand."""
@@ -202,22 +219,47 @@ class ServerProcess(ManagedProcess):
         return f"http://127.0.0.1:{self.port}"
 
     async def start_and_wait(self, limit_s: float = 60.0) -> None:
-        """Start and wait until ``/healthz`` answers 200 (database and NATS up)."""
-        self.start()
-        await self.wait_healthy(limit_s)
+        """Start and wait until this process listens and ``/healthz`` answers 200.
+
+        A first start whose port was taken meanwhile moves to another free port; a
+        restart keeps its address (workers know it), so there it is an error.
+        """
+        may_move = self.starts == 0
+        for attempt in range(1, _BIND_ATTEMPTS + 1):
+            self.start()
+            try:
+                await self.wait_healthy(limit_s)
+                return
+            except PortTaken:
+                if not may_move or attempt == _BIND_ATTEMPTS:
+                    raise
+            self._move_to(free_port())
+
+    def _move_to(self, port: int) -> None:
+        at = self.argv.index("--port")
+        self.argv[at + 1] = str(port)
+        self.port = port
 
     async def wait_healthy(self, limit_s: float = 60.0) -> None:
+        """Healthy once *this* process has logged that it listens (so a program that
+        took the port is never mistaken for it) and ``/healthz`` answers 200."""
+        listening = f"Uvicorn running on {self.url} "
         deadline = time.monotonic() + limit_s
         async with httpx.AsyncClient(base_url=self.url, timeout=2.0) as http:
             while True:
                 if not self.alive:
+                    if "address already in use" in self.log_of_this_start():
+                        raise PortTaken(
+                            f"{self.name}: port {self.port} is taken by another program"
+                        )
                     raise RuntimeError(
                         f"{self.name} exited with code {self.returncode} at start; log tail:\n"
                         + self.log_tail()
                     )
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get("/healthz")).status_code == 200:
-                        return
+                if listening in self.log_of_this_start():
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await http.get("/healthz")).status_code == 200:
+                            return
                 if time.monotonic() >= deadline:
                     raise TimeoutError(
                         f"{self.name} not healthy after {limit_s:g} s; log tail:\n"
@@ -263,11 +305,16 @@ class Processes:
         ack_wait_s: float = 30.0,
         max_deliver: int = 3,
         reconcile_interval_s: float = 0.2,
+        queue_check_interval_s: float | None = None,
         name: str = "server",
         extra_env: Mapping[str, object] | None = None,
         start: bool = True,
     ) -> ServerProcess:
-        """``trapline server`` on a free port with these settings, healthy when returned."""
+        """``trapline server`` on a free port with these settings, healthy when returned.
+
+        The queue check runs every 10 sweeps unless ``queue_check_interval_s`` says
+        otherwise (the cadence these tests were written for).
+        """
         admin, worker = await make_tokens(database_url)
         port = free_port()
         env = child_env(
@@ -278,6 +325,11 @@ class Processes:
                 "TRAPLINE_ACK_WAIT_S": ack_wait_s,
                 "TRAPLINE_MAX_DELIVER": max_deliver,
                 "TRAPLINE_RECONCILE_INTERVAL_S": reconcile_interval_s,
+                "TRAPLINE_QUEUE_CHECK_INTERVAL_S": (
+                    10 * reconcile_interval_s
+                    if queue_check_interval_s is None
+                    else queue_check_interval_s
+                ),
                 "TRAPLINE_LOG_LEVEL": "INFO",
                 **(extra_env or {}),
             }

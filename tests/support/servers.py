@@ -1,19 +1,24 @@
-"""The real trapline server on a free port, in-process (uvicorn) or as a subprocess."""
+"""The real trapline server, in-process (uvicorn) on a socket bound before it starts.
+
+Binding the socket here and handing it to uvicorn leaves no gap in which another
+program could take the port between choosing it and listening on it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from trapline.ledger.db import create_engine, migrate, session_factory
 from trapline.ledger.tokens import create_token
-from trapline.queue.embedded import free_port
 from trapline.server.app import create_app
 from trapline.settings import ServerSettings
 
@@ -31,6 +36,29 @@ async def make_tokens(database_url: str) -> tuple[str, str]:
     return admin, worker
 
 
+@dataclass(frozen=True)
+class SeenRequest:
+    method: str
+    path: str
+    user_agent: str
+
+
+class RequestLog:
+    """Passes every request to the server unchanged and notes it, so a test can wait
+    for a client (e.g. a watching CLI) to have reached the server."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.seen: list[SeenRequest] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            agent = headers.get(b"user-agent", b"").decode(errors="replace")
+            self.seen.append(SeenRequest(scope["method"], scope["path"], agent))
+        await self.app(scope, receive, send)
+
+
 @dataclass
 class RunningServer:
     url: str
@@ -38,6 +66,7 @@ class RunningServer:
     worker_token: str
     settings: ServerSettings
     app: Any
+    requests: list[SeenRequest] = field(default_factory=list)
 
     def client(self, token: str | None = None, **headers: str) -> httpx.AsyncClient:
         key = token or self.admin_token
@@ -58,18 +87,28 @@ class RunningServer:
 @asynccontextmanager
 async def start_server(settings: ServerSettings) -> AsyncIterator[RunningServer]:
     admin, worker = await make_tokens(settings.resolved_database_url())
-    port = free_port()
-    app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("server exited at start")
-        await asyncio.sleep(0.02)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        yield RunningServer(f"http://127.0.0.1:{port}", admin, worker, settings, app)
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+        app = create_app(settings)
+        recorded = RequestLog(app)
+        config = uvicorn.Config(
+            recorded, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn-{port}")
+        try:
+            while not server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("server exited at start")
+                await asyncio.sleep(0.02)
+            yield RunningServer(
+                f"http://127.0.0.1:{port}", admin, worker, settings, app, recorded.seen
+            )
+        finally:
+            server.should_exit = True
+            await task
     finally:
-        server.should_exit = True
-        await task
+        sock.close()

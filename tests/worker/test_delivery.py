@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.worker.worker_fakes import LocalServer, Reply, Request, until
+from tests.support.polling import until
+from tests.worker.local_server import LocalServer, Reply, Request
 from trapline.worker.client import WorkerClient
 from trapline.worker.delivery import Deliverer
 from trapline.worker.outbox import Outbox

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.worker.worker_fakes import LocalServer, Reply, Request, jpeg_bytes
+from tests.worker.image_host import jpeg_bytes
+from tests.worker.local_server import LocalServer, Reply, Request
 from trapline.worker.download import Downloader, DownloadFailed, decode_rgb
 
 

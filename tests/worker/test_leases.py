@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.worker.worker_fakes import LocalServer, Reply, Request
+from tests.worker.local_server import LocalServer, Reply, Request
 from trapline.worker.client import WorkerClient
 from trapline.worker.leases import HeldTask, HeldTasks, LeaseExtender, Outcome, TaskState
 

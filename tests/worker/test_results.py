@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-from tests.worker.worker_fakes import PixelPipeline
+from tests.worker.pipelines import PixelPipeline
 from trapline.pipelines.base import Classification, Detection, ImageResult
 from trapline.pipelines.null import NullPipeline
 from trapline.worker.client import JobRef

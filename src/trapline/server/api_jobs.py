@@ -40,7 +40,7 @@ async def _view(ctx: Ctx, job_id: int) -> dict[str, Any]:
         job = await session.get(Job, job_id)
         if job is None:
             raise NotFound(f"job {job_id} not found")
-        return await job_view(session, job)
+        return await job_view(session, job, waiting_after_s=ctx.settings.waiting_after_s)
 
 
 @router.post("/jobs/", status_code=201)

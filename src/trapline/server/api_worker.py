@@ -43,7 +43,9 @@ async def load_job(ctx: AppContext, caller: Principal, job_id: int) -> Job:
 
 
 @router.get("/capabilities/")
-async def capabilities(ctx: Ctx) -> dict[str, Any]:
+async def capabilities(ctx: Ctx, caller: Caller) -> dict[str, Any]:
+    # Behind the token like every worker call: the worker's first request, so a wrong
+    # token stops it at start-up (exit 2) before it touches its outbox.
     return {
         "trapline": trapline.__version__,
         "lease_extension": True,
@@ -86,7 +88,10 @@ async def list_jobs(
         if ids_only:
             results = [{"id": j.id, "pipeline_slug": j.pipeline_slug} for j in jobs]
         else:
-            results = [await job_view(session, j) for j in jobs]
+            results = [
+                await job_view(session, j, waiting_after_s=ctx.settings.waiting_after_s)
+                for j in jobs
+            ]
 
     def page(off: int) -> str:
         return str(request.url.include_query_params(limit=limit, offset=off))

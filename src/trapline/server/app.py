@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 from starlette.types import ASGIApp
 
@@ -19,9 +19,10 @@ import trapline
 from trapline.ledger.db import create_engine, migrate, session_factory
 from trapline.queue import EmbeddedNats, TaskQueue
 from trapline.server import api_jobs, api_worker, dashboard
-from trapline.server.auth import Ctx
+from trapline.server.auth import Ctx, TokenCache
 from trapline.server.context import AppContext
 from trapline.server.edge import EdgeMiddleware, install_error_handlers
+from trapline.server.metrics import Metrics
 from trapline.server.reconciler import Reconciler
 from trapline.server.signing import load_installation_id, load_signer
 from trapline.settings import ServerSettings
@@ -57,6 +58,8 @@ async def running_context(settings: ServerSettings) -> AsyncIterator[AppContext]
             sessions=sessions,
             queue=queue,
             signer=signer,
+            tokens=TokenCache(),
+            metrics=Metrics(),
             instance=f"{socket.gethostname()}:{os.getpid()}",
         )
         reconciler = Reconciler(ctx)
@@ -108,7 +111,7 @@ def create_app(settings: ServerSettings | None = None) -> ASGIApp:
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["ops"])
-    async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(ctx: Ctx) -> Response:
+        return Response(ctx.metrics.export(), media_type=CONTENT_TYPE_LATEST)
 
     return EdgeMiddleware(app, settings.max_body_bytes)

@@ -13,7 +13,24 @@ from trapline.ledger.tokens import Principal, lookup
 from trapline.server.context import AppContext
 
 _CACHE_TTL_S = 30.0
-_cache: dict[str, tuple[float, Principal]] = {}
+
+
+class TokenCache:
+    """Tokens this app already looked up, kept ``ttl_s`` seconds; one per app, so a
+    key known to one app's database is never taken on trust by another's."""
+
+    def __init__(self, ttl_s: float = _CACHE_TTL_S) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, Principal]] = {}
+
+    def get(self, key: str, now: float) -> Principal | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] <= now:
+            return None
+        return entry[1]
+
+    def put(self, key: str, found: Principal, now: float) -> None:
+        self._entries[key] = (now + self.ttl_s, found)
 
 
 def get_ctx(request: Request) -> AppContext:
@@ -30,15 +47,15 @@ async def principal(request: Request, ctx: Ctx) -> Principal:
     if scheme.lower() not in ("token", "bearer") or not key.strip():
         raise AuthError("missing token: send 'Authorization: Token <key>'")
     key = key.strip()
-    cached = _cache.get(key)
     now = time.monotonic()
-    if cached and cached[0] > now:
-        return cached[1]
+    cached = ctx.tokens.get(key, now)
+    if cached is not None:
+        return cached
     async with ctx.sessions() as session:
         found = await lookup(session, key)
     if found is None:
         raise AuthError("unknown token")
-    _cache[key] = (now + _CACHE_TTL_S, found)
+    ctx.tokens.put(key, found, now)
     return found
 
 

@@ -14,7 +14,6 @@ from trapline.errors import QueueError, ReceiptError
 from trapline.ledger import events
 from trapline.ledger.models import ImageState, Job, JobImage, JobStatus, utcnow
 from trapline.queue import Delivery, Receipt, naming, parse_receipt
-from trapline.server import metrics
 from trapline.server.context import AppContext
 from trapline.server.expiry import Lapses
 
@@ -76,8 +75,8 @@ async def reserve(
         await ctx.queue.release([d.reply_subject for d in deliveries])
         raise
     if tasks:
-        metrics.RESERVES.inc()
-        metrics.TASKS_RESERVED.inc(len(tasks))
+        ctx.metrics.reserves.inc()
+        ctx.metrics.tasks_reserved.inc(len(tasks))
     if settled:
         await ctx.queue.ack(settled)
     for reason, subjects in to_term.items():
@@ -109,7 +108,7 @@ async def _lease(
         }
         leased: list[str] = []
         redelivered: list[str] = []
-        lapses = Lapses(session, ctx.settings.max_deliver)
+        lapses = Lapses(session, ctx.settings.max_deliver, ctx.metrics)
         exhausted: list[str] = []
         delivery_numbers: list[int] = []
         for d in deliveries:

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from trapline.ledger import events
 from trapline.ledger.models import ImageState, JobImage
-from trapline.server import metrics
+from trapline.server.metrics import Metrics
 
 
 def holder_label(row: JobImage) -> str:
@@ -28,9 +28,10 @@ def holder_label(row: JobImage) -> str:
 class Lapses:
     """Lapsed leases of one transaction, applied with conditional updates and logged once."""
 
-    def __init__(self, session: AsyncSession, max_deliver: int) -> None:
+    def __init__(self, session: AsyncSession, max_deliver: int, metrics: Metrics) -> None:
         self.session = session
         self.max_deliver = max_deliver
+        self.metrics = metrics
         self.requeued: dict[tuple[int, str], list[JobImage]] = defaultdict(list)
         self.exhausted: dict[tuple[int, str], list[JobImage]] = defaultdict(list)
 
@@ -62,9 +63,9 @@ class Lapses:
         )
         if won.rowcount != 1:  # type: ignore[attr-defined]
             return None
-        metrics.LEASE_EXPIRIES.inc()
+        self.metrics.lease_expiries.inc()
         if last:
-            metrics.IMAGES_FAILED.labels("max deliveries exhausted").inc()
+            self.metrics.images_failed.labels("max deliveries exhausted").inc()
         (self.exhausted if last else self.requeued)[(row.job_id, holder)].append(row)
         return ImageState.FAILED if last else ImageState.QUEUED
 

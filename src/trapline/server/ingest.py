@@ -27,7 +27,7 @@ from trapline.ledger.models import (
     JobStatus,
     utcnow,
 )
-from trapline.server import lifecycle, metrics
+from trapline.server import lifecycle
 from trapline.server.context import AppContext
 from trapline.server.dispatch import Holder, is_current, receipt_of_job
 from trapline.server.results import CheckedItem, check_item
@@ -154,9 +154,9 @@ async def ingest(
                 )
         report = IngestReport([s for s in statuses if s is not None])
         for s in report.items:
-            metrics.RESULTS.labels(s.status).inc()
+            ctx.metrics.results.labels(s.status).inc()
         if failed_ids:
-            metrics.IMAGES_FAILED.labels("worker error").inc(len(failed_ids))
+            ctx.metrics.images_failed.labels("worker error").inc(len(failed_ids))
         touched_late = JobStatus(job.status).finished and (accepted_ids or failed_ids) != []
         rejected = [s for s in report.items if s.status == "rejected"]
         events.record(

@@ -22,8 +22,8 @@ from trapline.errors import Conflict, InvalidRequest, NotFound, QueueError
 from trapline.ledger import events
 from trapline.ledger.models import ImageState, Job, JobImage, JobStatus, utcnow
 from trapline.ledger.queries import job_counts, remaining_images
-from trapline.server import metrics
 from trapline.server.context import AppContext
+from trapline.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,7 @@ async def finalize_if_complete(ctx: AppContext, job_id: int) -> str | None:
         )
         if won.rowcount != 1:  # type: ignore[attr-defined]
             return None
+        ctx.metrics.finalizations.labels(status.value).inc()
         summary = f"finished {status}: {counts.done} done, {counts.failed} failed of {counts.total}"
         if counts.failed:
             failed_ids = (
@@ -291,7 +292,7 @@ async def reevaluate_finished(session: AsyncSession, job_id: int) -> None:
 
 
 async def fail_remaining(
-    session: AsyncSession, job_id: int, reason: str, *, level: int
+    session: AsyncSession, job_id: int, reason: str, *, level: int, metrics: Metrics
 ) -> list[str]:
     """Fail every image of the job still without an outcome, naming each in the log."""
     now = utcnow()
@@ -314,7 +315,7 @@ async def fail_remaining(
         )
     ).all()
     if failed:
-        metrics.IMAGES_FAILED.labels(reason).inc(len(failed))
+        metrics.images_failed.labels(reason).inc(len(failed))
         events.record_images(session, job_id, failed, f"failed: {reason}:", level=level)
     return list(failed)
 
@@ -328,10 +329,12 @@ async def cancel_job(ctx: AppContext, job_id: int) -> None:
                 return
             raise Conflict(f"job {job_id} already finished ({job.status})")
         now = utcnow()
-        await fail_remaining(session, job_id, "cancelled", level=logging.WARNING)
+        await fail_remaining(
+            session, job_id, "cancelled", level=logging.WARNING, metrics=ctx.metrics
+        )
         job.status = JobStatus.REVOKED
         job.finished_at = now
-        metrics.FINALIZATIONS.labels(JobStatus.REVOKED.value).inc()
+        ctx.metrics.finalizations.labels(JobStatus.REVOKED.value).inc()
         events.record(session, job_id, "cancelled (REVOKED)", level=logging.WARNING)
         generation = job.queue_generation
     await _delete_queue_quietly(ctx, job_id, generation)

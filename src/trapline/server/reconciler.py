@@ -19,15 +19,13 @@ from sqlalchemy import exists, select
 
 from trapline.errors import QueueError, TraplineError
 from trapline.ledger.models import ImageState, Job, JobImage, JobStatus, utcnow
-from trapline.server import lifecycle, metrics
+from trapline.server import lifecycle
 from trapline.server.context import AppContext
 from trapline.server.expiry import Lapses
 
 log = logging.getLogger(__name__)
 
 _SWEEP_LIMIT = 2000
-_PENDING_REPAIR_AFTER_S = 60.0
-_QUEUE_CHECK_EVERY = 10  # sweeps between checks that running jobs still have their queue
 
 
 class Reconciler:
@@ -37,6 +35,7 @@ class Reconciler:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self.sweeps = 0
+        self._queue_checked_at: float | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="trapline-reconciler")
@@ -86,16 +85,24 @@ class Reconciler:
 
     async def sweep(self) -> None:
         """One pass: expired leases, deadlines, finalization, queue repair."""
-        with metrics.RECONCILER_SWEEP.time():
+        with self.ctx.metrics.reconciler_sweep.time():
             await self._sweep()
 
     async def _sweep(self) -> None:
         await self.expire_leases()
         await self.apply_deadlines()
         await self.finalize_complete()
-        if self.sweeps % _QUEUE_CHECK_EVERY == 0 and self.ctx.queue.connected:
+        if self._queue_check_due() and self.ctx.queue.connected:
+            self._queue_checked_at = asyncio.get_running_loop().time()
             await self.repair_queues()
         self.sweeps += 1
+
+    def _queue_check_due(self) -> bool:
+        """The first sweep checks the queues, then one every ``queue_check_interval_s``."""
+        if self._queue_checked_at is None:
+            return True
+        since = asyncio.get_running_loop().time() - self._queue_checked_at
+        return since >= self.ctx.settings.queue_check_interval_s
 
     async def expire_leases(self) -> int:
         """Leases past their deadline: back to queued, or failed after the last delivery."""
@@ -112,8 +119,8 @@ class Reconciler:
                 )
             ).all()
             oldest = min((r.lease_deadline for r in rows if r.lease_deadline), default=now)
-            metrics.RECONCILER_LAG.set((now - oldest).total_seconds())
-            lapses = Lapses(session, ctx.settings.max_deliver)
+            ctx.metrics.reconciler_lag.set((now - oldest).total_seconds())
+            lapses = Lapses(session, ctx.settings.max_deliver, ctx.metrics)
             for row in rows:
                 outcome = await lapses.apply(row, now)
                 if outcome is None:
@@ -146,7 +153,7 @@ class Reconciler:
         for job_id in job_ids:
             async with ctx.sessions() as session, session.begin():
                 await lifecycle.fail_remaining(
-                    session, job_id, "deadline passed", level=logging.ERROR
+                    session, job_id, "deadline passed", level=logging.ERROR, metrics=ctx.metrics
                 )
             await lifecycle.finalize_if_complete(ctx, job_id)
 
@@ -201,7 +208,7 @@ class Reconciler:
         for job in running:
             if job.status == JobStatus.PENDING:
                 queued_at = job.queued_at or job.created_at
-                if now - queued_at < timedelta(seconds=_PENDING_REPAIR_AFTER_S):
+                if now - queued_at < timedelta(seconds=ctx.settings.pending_requeue_after_s):
                     continue
             elif (job.id, job.queue_generation) in streams:
                 continue

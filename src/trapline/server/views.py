@@ -11,8 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from trapline.ledger.models import Detection, Job, JobEvent, JobImage, JobStatus, utcnow
 from trapline.ledger.queries import Counts, job_counts
 
-_WAITING_AFTER_S = 10.0
-
 
 def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat().replace("+00:00", "Z") if dt else None
@@ -33,20 +31,24 @@ def _stage(
     }
 
 
-async def waiting_reason(session: AsyncSession, job: Job, counts: Counts) -> str | None:
-    """Why a running job makes no progress, if it is simply waiting for a worker."""
+async def waiting_reason(
+    session: AsyncSession, job: Job, counts: Counts, *, waiting_after_s: float
+) -> str | None:
+    """Why a running job makes no progress, if it is simply waiting for a worker: queued
+    images, none reserved, and nothing changed for ``waiting_after_s``. Waiting is a state
+    to report, never a reason to fail the job."""
     if job.status != JobStatus.STARTED or counts.reserved or not counts.queued:
         return None
     last = await session.scalar(
         select(func.max(JobImage.updated_at)).where(JobImage.job_id == job.id)
     )
     since = max(filter(None, [last, job.queued_at, job.started_at]), default=job.created_at)
-    if (utcnow() - since).total_seconds() < _WAITING_AFTER_S:
+    if (utcnow() - since).total_seconds() < waiting_after_s:
         return None
     return f"waiting for a worker for pipeline {job.pipeline_slug!r} since {_iso(since)}"
 
 
-async def job_view(session: AsyncSession, job: Job) -> dict[str, Any]:
+async def job_view(session: AsyncSession, job: Job, *, waiting_after_s: float) -> dict[str, Any]:
     counts = await job_counts(session, job.id)
     detections = int(
         await session.scalar(
@@ -98,7 +100,7 @@ async def job_view(session: AsyncSession, job: Job) -> dict[str, Any]:
             .limit(10)
         )
     ).all()
-    waiting = await waiting_reason(session, job, counts)
+    waiting = await waiting_reason(session, job, counts, waiting_after_s=waiting_after_s)
     return {
         "id": job.id,
         "name": job.name,

@@ -8,6 +8,8 @@
   const API = "/api/v2";
   const TOKEN_KEY = "trapline.token";
   const REFRESH_MS = 2000;
+  // Longer than the server's own 15 s limit on fetching an image to annotate.
+  const REQUEST_TIMEOUT_MS = 20000;
   const JOBS_PAGE = 50;
   const LIST_LIMIT = 200;
   const LOG_LINES = 60;
@@ -78,11 +80,22 @@
       throw new ApiError(401, "no token");
     }
     const headers = { Authorization: `Token ${token}`, ...(options.headers || {}) };
+    // A server that stops answering must show as an outage, not keep the page "live"
+    // for ever: give up on the answer after REQUEST_TIMEOUT_MS.
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), REQUEST_TIMEOUT_MS);
     let response;
     try {
-      response = await fetch(path, { ...options, headers });
+      response = await fetch(path, { ...options, headers, signal: abort.signal });
     } catch (err) {
-      throw new ApiError(0, "the server cannot be reached");
+      throw new ApiError(
+        0,
+        abort.signal.aborted
+          ? `the server did not answer within ${REQUEST_TIMEOUT_MS / 1000} s`
+          : "the server cannot be reached",
+      );
+    } finally {
+      clearTimeout(timer);
     }
     if (response.status === 401) {
       forgetToken();
