@@ -123,9 +123,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "W2c",
         "window 2: result POST fails once (reset after commit)",
         "a replayed success is stored again (the success UPDATE ignores the image's state)",
-        "src/trapline/server/ingest.py",
-        "            .where(JobImage.id == row.id, JobImage.state.in_(from_states))",
-        "            .where(JobImage.id == row.id)",
+        "src/trapline/ledger/transitions/results.py",
+        "            session, job_id, successes, ImageState.OPEN, _done_values(now), IMAGES.c.id\n",
+        "            session, job_id, successes, tuple(ImageState), _done_values(now), IMAGES.c.id\n",
         (
             f"{CHAOS_RESULTS}::test_result_endpoint_503_on_30pc_and_reset_after_commit_on_10pc_counts_each_image_once",
             f"{WORKER_API}::test_the_same_result_body_posted_three_times_is_counted_once",
@@ -256,11 +256,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "W11a",
         "window 11: commit without ACK",
         "the reserve path hands out a message whose image already has an outcome",
-        "src/trapline/server/dispatch.py",
-        """            if row.state in (ImageState.DONE, ImageState.FAILED):
-                settled.append(d.reply_subject)
-                continue
-""",
+        "src/trapline/ledger/transitions/leases.py",
+        "            IMAGES.c.state.in_(ImageState.OPEN),  # an image with an outcome is never leased\n",
         "",
         (
             f"{LEASES}::test_a_result_committed_but_never_acked_is_settled_when_its_message_returns",
@@ -272,8 +269,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "window 11: exception while saving (ACK only after commit)",
         "results are ACKed before the transaction that stores them",
         "src/trapline/server/ingest.py",
-        "    touched_late = False\n",
-        "    touched_late = False\n    await ctx.queue.ack(to_ack)  # mutant: ACK before commit\n",
+        "    now = utcnow()\n",
+        "    now = utcnow()\n    await ctx.queue.ack(to_ack)  # mutant: ACK before commit\n",
         ("tests/server/test_database_outage.py", KILLED_SERVER),
     ),
     Mutant(
@@ -307,9 +304,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "W13a",
         "window 13: results after the health check failed the image",
         "a late success does not upgrade a failed image",
-        "src/trapline/server/ingest.py",
-        "    for from_states in ([ImageState.QUEUED, ImageState.RESERVED], [ImageState.FAILED]):",
-        "    for from_states in ([ImageState.QUEUED, ImageState.RESERVED],):",
+        "src/trapline/ledger/transitions/results.py",
+        "    if rest:\n",
+        "    if False:  # mutant: no failed->done upgrade\n",
         (
             f"{WORKER_API}::test_a_late_success_upgrades_a_failed_image_and_re_evaluates_a_finished_job",
         ),
@@ -318,9 +315,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "W13b",
         "window 13: results after the job ended",
         "a finished job's status is not re-evaluated after a late result",
-        "src/trapline/server/ingest.py",
-        "        if touched_late:\n",
-        "        if False:  # mutant\n",
+        "src/trapline/ledger/transitions/jobs.py",
+        "        await reevaluate(session, job_id, now=now)\n",
+        "        pass  # mutant: no re-evaluation\n",
         (
             f"{WORKER_API}::test_a_late_success_upgrades_a_failed_image_and_re_evaluates_a_finished_job",
         ),
@@ -328,13 +325,11 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "W13c",
         "window 13: results with a stale receipt",
-        "a result whose receipt is not the current delivery is rejected",
-        "src/trapline/server/ingest.py",
-        "            status = await _apply(session, job, row, item, holder)\n",
-        "            if row.receipt and row.receipt != item.reply_subject:\n"
-        '                item.rejected = "mutant: stale receipt"\n'
-        "                continue\n"
-        "            status = await _apply(session, job, row, item, holder)\n",
+        "a result whose receipt is not the current delivery is not accepted",
+        "src/trapline/ledger/transitions/results.py",
+        "            or_(*named),\n",
+        "            or_(*named),\n"
+        "            IMAGES.c.receipt.in_([r.receipt for r in items]),  # mutant: current delivery only\n",
         (
             f"{WORKER_API}::test_a_result_with_a_stale_receipt_is_committed_and_the_later_one_is_a_duplicate",
         ),
@@ -366,15 +361,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "G1",
         "guarantee: replays change nothing (one outcome per image)",
         "an error result downgrades a done image",
-        "src/trapline/server/ingest.py",
-        "                JobImage.state.in_([ImageState.QUEUED, ImageState.RESERVED]),\n"
-        "            )\n"
-        "            .values(\n"
-        "                state=ImageState.FAILED,",
-        "                JobImage.state.in_([ImageState.QUEUED, ImageState.RESERVED, ImageState.DONE]),\n"
-        "            )\n"
-        "            .values(\n"
-        "                state=ImageState.FAILED,",
+        "src/trapline/ledger/transitions/results.py",
+        "            errors,\n            ImageState.OPEN,\n",
+        "            errors,\n            (*ImageState.OPEN, ImageState.DONE),\n",
         (
             f"{WORKER_API}::test_an_error_result_fails_the_image_with_its_reason_and_never_downgrades_a_done_one",
         ),
@@ -403,18 +392,18 @@ MUTANTS: tuple[Mutant, ...] = (
         "G4",
         "guarantee: extend/release act only on the current delivery",
         "a stale receipt may extend or release the current delivery",
-        "src/trapline/server/dispatch.py",
-        "            if row and row.state == ImageState.RESERVED and row.deliveries == r.delivered:",
-        "            if row and row.state == ImageState.RESERVED:",
+        "src/trapline/ledger/transitions/leases.py",
+        "        tuple_(IMAGES.c.msg_seq, IMAGES.c.deliveries).in_(held),\n",
+        "        IMAGES.c.msg_seq.in_([seq for seq, _ in held]),  # mutant: any delivery\n",
         (f"{WORKER_API}::test_extend_or_release_with_a_stale_receipt_is_refused",),
     ),
     Mutant(
         "G5",
         "guarantee: retry budget (TRAPLINE_MAX_DELIVER leases)",
         "one lease more than the budget is handed out",
-        "src/trapline/server/expiry.py",
-        "        last = row.leases >= self.max_deliver",
-        "        last = row.leases > self.max_deliver",
+        "src/trapline/ledger/transitions/leases.py",
+        "    last = {h.id for h in held if h.leases >= max_deliver}",
+        "    last = {h.id for h in held if h.leases > max_deliver}",
         (
             f"{LEASES}::test_a_batch_dropped_on_every_delivery_is_failed_with_its_reason_soon_after_the_last_lease",
         ),
@@ -423,9 +412,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "G6",
         "guarantee: the last lapse fails the image whether or not anybody pulls",
         "the reconciler never lapses a lease (only a pull would)",
-        "src/trapline/server/reconciler.py",
-        "                    .where(JobImage.state == ImageState.RESERVED, JobImage.lease_deadline < now)",
-        "                    .where(JobImage.state == ImageState.RESERVED, JobImage.lease_deadline < now - timedelta(days=1))",
+        "src/trapline/ledger/transitions/leases.py",
+        "        .where(IMAGES.c.state == ImageState.RESERVED, IMAGES.c.lease_deadline < now)",
+        "        .where(IMAGES.c.state == ImageState.RESERVED, IMAGES.c.lease_deadline < now - timedelta(days=1))",
         (
             f"{LEASES}::test_a_batch_dropped_on_every_delivery_is_failed_with_its_reason_soon_after_the_last_lease",
         ),
@@ -434,11 +423,11 @@ MUTANTS: tuple[Mutant, ...] = (
         "G7",
         "guarantee: a lapsed lease is a WARNING naming the images",
         "a lease lapse is logged below WARNING",
-        "src/trapline/server/expiry.py",
-        '                f"{batch[0].leases} of {self.max_deliver}); will be redelivered:",\n'
-        "                level=logging.WARNING,",
-        '                f"{batch[0].leases} of {self.max_deliver}); will be redelivered:",\n'
-        "                level=logging.DEBUG,",
+        "src/trapline/ledger/transitions/leases.py",
+        '            f"{batch[0].leases} of {max_deliver}); will be redelivered:",\n'
+        "            level=logging.WARNING,",
+        '            f"{batch[0].leases} of {max_deliver}); will be redelivered:",\n'
+        "            level=logging.DEBUG,",
         (
             f"{LEASES}::test_a_batch_dropped_on_every_delivery_is_failed_with_its_reason_soon_after_the_last_lease",
         ),
@@ -448,8 +437,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "guarantee: the job is finalized by whoever commits the last outcome",
         "the last result does not finalize the job (only a later sweep would)",
         "src/trapline/server/ingest.py",
-        '    if job.status == JobStatus.STARTED and report.count("accepted"):\n',
-        '    if False and report.count("accepted"):  # mutant\n',
+        "        if recorded.changed:\n            finalized = await transitions.conclude(",
+        "        if False:  # mutant\n            finalized = await transitions.conclude(",
         (
             f"{WORKER_API}::test_a_job_runs_end_to_end_and_finishes_the_moment_its_last_result_commits",
         ),
@@ -458,18 +447,18 @@ MUTANTS: tuple[Mutant, ...] = (
         "G9",
         "guarantee: full history per image",
         "an accepted result is not written to the image's history",
-        "src/trapline/server/ingest.py",
-        '            [(i, f"result accepted from {holder.describe()}") for i in accepted_ids],',
-        "            [],",
+        "src/trapline/ledger/transitions/results.py",
+        '    journal.history(job_id, [(i, f"result accepted from {who}") for i in out.done])',
+        "    journal.history(job_id, [])",
         (RECONCILIATION,),
     ),
     Mutant(
         "G10",
         "guarantee: a late success keeps the failure in the history",
         "the upgrade of a failed image is not recorded",
-        "src/trapline/server/ingest.py",
-        "    if upgraded:\n",
-        "    if False:  # mutant\n",
+        "src/trapline/ledger/transitions/results.py",
+        "    for image_id, was in out.upgraded:\n",
+        "    for image_id, was in []:  # mutant\n",
         (
             f"{WORKER_API}::test_a_late_success_upgrades_a_failed_image_and_re_evaluates_a_finished_job",
         ),
@@ -490,8 +479,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "guarantee: streams of finished jobs are deleted",
         "finalizing a job leaves its stream",
         "src/trapline/server/lifecycle.py",
-        "    await _delete_queue_quietly(ctx, job_id, generation)\n    return status\n",
-        "    return status\n",
+        "    await _delete_queue_quietly(ctx, job_id, finalized.generation)\n"
+        "    return finalized.status\n",
+        "    return finalized.status\n",
         (
             f"{WORKER_API}::test_a_job_runs_end_to_end_and_finishes_the_moment_its_last_result_commits",
         ),

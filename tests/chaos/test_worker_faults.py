@@ -333,7 +333,7 @@ async def test_worker_sigkilled_on_the_last_allowed_delivery_fails_its_images_ne
 
     Bug (since the consumer's max_deliver became unlimited, e45a21b): when JetStream
     redelivers a message whose ledger lease lapsed before the reconciler's sweep,
-    ``dispatch._lease`` hands it out again ("lease expired ... (delivery 1 of 1);
+    ``transitions.lease`` hands it out again ("lease expired ... (delivery 1 of 1);
     redelivered") instead of failing it: the retry budget is exceeded.
     """
     server = await procs.server(
@@ -393,7 +393,7 @@ async def test_worker_sigkilled_on_the_last_allowed_delivery_fails_its_images_ne
     assert survivor_code == 0, survivor.log_tail()
     at_rest(view)
     assert over_budget == [], (
-        f"{len(over_budget)} images leased beyond max_deliver=1 (dispatch._lease re-leases a "
+        f"{len(over_budget)} images leased beyond max_deliver=1 (transitions.lease re-leases a "
         f"lapsed last delivery that JetStream redelivers before the reconciler fails it)"
     )
     # Exactly the images the killed worker held failed, each for its exhausted lease.

@@ -88,15 +88,19 @@ def setup_logging(level: str | None, default: str = "WARNING", *, rich: bool = T
             handler.console = err
 
 
-def detail_line(status: int, body: Any, fallback: str) -> str:
-    """A readable line from an error answer: its detail, then the first offending items."""
+def detail_line(status: int, body: Any, fallback: str, index_base: int = 0) -> str:
+    """A readable line from an error answer: its detail, then the first offending items.
+
+    ``index_base`` is the place of the request's first image in the whole list (a page
+    of a manifest), so offending images are named by their place in the manifest.
+    """
     detail = fallback
     errors: list[Any] = []
     if isinstance(body, dict):
         detail = str(body.get("detail") or fallback)
         raw = body.get("errors")
         if isinstance(raw, list):
-            errors = raw
+            errors = [_rebased(e, index_base) for e in raw]
     line = f"server answered {status}: {detail}"
     if errors:
         shown = "; ".join(_describe_error(e) for e in errors[:MAX_ERRORS_SHOWN])
@@ -107,6 +111,12 @@ def detail_line(status: int, body: Any, fallback: str) -> str:
         )
         line += f" — {shown}{more}"
     return line
+
+
+def _rebased(e: Any, index_base: int) -> Any:
+    if index_base and isinstance(e, dict) and isinstance(e.get("index"), int):
+        return {**e, "index": e["index"] + index_base}
+    return e
 
 
 def _describe_error(e: Any) -> str:
@@ -157,10 +167,16 @@ class ApiClient:
         *,
         params: dict[str, Any] | None = None,
         json: Any = None,
+        index_base: int = 0,
+        timeout_s: float | None = None,
     ) -> httpx.Response:
-        """Send a request; a transport failure or an error status raises CliError."""
+        """Send a request; a transport failure or an error status raises CliError.
+
+        ``index_base``: see :func:`detail_line`; ``timeout_s`` overrides the client's.
+        """
+        timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else timeout_s
         try:
-            response = self._http.request(method, path, params=params, json=json)
+            response = self._http.request(method, path, params=params, json=json, timeout=timeout)
         except httpx.TimeoutException:
             raise CliError(
                 f"server at {self.base_url} did not answer in time", EXIT_UNREACHABLE
@@ -177,15 +193,23 @@ class ApiClient:
                 body = None
             fallback = response.reason_phrase or "error"
             code = EXIT_UNREACHABLE if response.status_code >= 500 else EXIT_ERROR
-            raise CliError(detail_line(response.status_code, body, fallback), code)
+            raise CliError(detail_line(response.status_code, body, fallback, index_base), code)
         return response
 
     def get(self, path: str, **params: Any) -> Any:
         clean = {k: v for k, v in params.items() if v is not None}
         return self.request("GET", path, params=clean).json()
 
-    def post(self, path: str, body: Any = None) -> Any:
-        return self.request("POST", path, json=body if body is not None else {}).json()
+    def post(
+        self, path: str, body: Any = None, *, index_base: int = 0, timeout_s: float | None = None
+    ) -> Any:
+        return self.request(
+            "POST",
+            path,
+            json=body if body is not None else {},
+            index_base=index_base,
+            timeout_s=timeout_s,
+        ).json()
 
     def get_text(self, path: str, **params: Any) -> str:
         clean = {k: v for k, v in params.items() if v is not None}

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from trapline.cli.client import (
     ApiClient,
@@ -22,6 +30,7 @@ from trapline.cli.client import (
     TokenOpt,
     api_client,
     cli_errors,
+    err,
     out,
     setup_logging,
 )
@@ -35,13 +44,17 @@ from trapline.cli.job_views import (
     results_table,
     watch,
 )
-from trapline.cli.manifest import read_manifest
+from trapline.cli.manifest import Manifest
 
 job_app = typer.Typer(help="Create, follow and manage jobs.", no_args_is_help=True)
 
 # Images fetched per request when the CLI pages through a job's ledger rows.
 PAGE = 10_000
 RESULTS_PAGE = 10_000
+# Images per request when uploading a big manifest (the server accepts at most this many).
+UPLOAD_PAGE = 10_000
+# A conservative rate of queuing, for the start request's timeout.
+START_IMAGES_PER_S = 2_000
 
 JobIdArg = Annotated[int, typer.Argument(help="Job id.", min=1)]
 
@@ -80,6 +93,14 @@ def create(
         float | None,
         typer.Option(help="Fail what is left after this many seconds (default: no deadline)."),
     ] = None,
+    page_size: Annotated[
+        int,
+        typer.Option(
+            help="Images per request: a bigger manifest is uploaded page by page, then started.",
+            min=1,
+            max=UPLOAD_PAGE,
+        ),
+    ] = UPLOAD_PAGE,
     server: ServerOpt = None,
     token: TokenOpt = None,
     log_level: LogLevelOpt = None,
@@ -98,14 +119,14 @@ def create(
             body["failure_threshold"] = failure_threshold
         if deadline_seconds is not None:
             body["deadline_seconds"] = deadline_seconds
-        if images_dir is not None:
-            # The server reads the folder itself; it resolves nothing relative to us.
-            body["images_dir"] = str(images_dir.expanduser().resolve())
-        else:
-            assert manifest is not None
-            body["images"] = read_manifest(manifest)
         with api_client(server, token) as client:
-            view = client.post("/api/v2/jobs/", body)
+            if images_dir is not None:
+                # The server reads the folder itself; it resolves nothing relative to us.
+                body["images_dir"] = str(images_dir.expanduser().resolve())
+                view = client.post("/api/v2/jobs/", body)
+            else:
+                assert manifest is not None
+                view = upload_manifest(client, body, manifest, page_size)
         counts = view.get("counts") or {}
         out.print(
             f"created job {view['id']} {view.get('name', '')!r}: {counts.get('total', 0)} images, "
@@ -113,6 +134,52 @@ def create(
             markup=False,
         )
         typer.echo(view["id"])
+
+
+def upload_manifest(
+    client: ApiClient, body: dict[str, Any], path: Path, page_size: int
+) -> dict[str, Any]:
+    """Create the job of a manifest, started; the job's view.
+
+    A manifest of up to ``page_size`` images is one request. A bigger one is read as
+    a stream and sent a page at a time to a job created unstarted, with a progress
+    bar, and the job is started once every page is in: neither the CLI nor the
+    server ever holds the whole manifest.
+    """
+    with Manifest(path) as manifest:
+        images = manifest.images()
+        page = list(itertools.islice(images, page_size + 1))
+        if len(page) <= page_size:
+            return dict(client.post("/api/v2/jobs/", {**body, "images": page}))
+        job_id = int(client.post("/api/v2/jobs/", {**body, "start_now": False})["id"])
+        sent = 0
+        try:
+            with Progress(
+                TextColumn(f"job {job_id}: uploading"),
+                BarColumn(bar_width=30),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[sent]} images"),
+                TimeElapsedColumn(),
+                console=err,
+            ) as progress:
+                bar = progress.add_task("upload", total=manifest.size, sent="0")
+                while page:
+                    client.post(
+                        f"/api/v2/jobs/{job_id}/images/",
+                        {"images": page[:page_size]},
+                        index_base=sent,
+                    )
+                    sent += len(page[:page_size])
+                    progress.update(bar, completed=manifest.bytes_read, sent=f"{sent:,}")
+                    page = page[page_size:] + list(itertools.islice(images, page_size))
+                progress.update(bar, completed=manifest.size)
+            # Queuing publishes every image before it answers: allow it the time.
+            timeout_s = max(30.0, sent / START_IMAGES_PER_S)
+            return dict(client.post(f"/api/v2/jobs/{job_id}/start/", timeout_s=timeout_s))
+        except CliError as exc:
+            raise CliError(
+                f"{exc} (job {job_id} was left unstarted with {sent:,} images)", exc.code
+            ) from None
 
 
 @job_app.command("status")

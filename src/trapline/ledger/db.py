@@ -10,7 +10,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event, text
+from sqlalchemy import Connection, event, make_url, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -29,35 +29,79 @@ def is_sqlite(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def create_engine(url: str) -> AsyncEngine:
-    """An async engine; SQLite gets WAL, a busy timeout and foreign keys."""
-    if url.startswith("sqlite"):
-        path = url.split(":///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+# How long a writer waits for the write lock, whichever way it queues: in asyncio for
+# this process's one write connection, in SQLite's busy handler for other processes.
+WRITE_WAIT_S = 30
 
-        @event.listens_for(engine.sync_engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
+
+def create_engine(url: str) -> AsyncEngine:
+    """The engine for writes (and migrations).
+
+    On SQLite: WAL, a busy timeout, foreign keys, and ONE pooled connection, so the
+    writers of this process queue in asyncio (FIFO, nobody sleeping in SQLite's busy
+    handler) and each transaction takes the write lock up front; the busy timeout is
+    left for other processes on the same file. Never open a second ``sessions()``
+    session while holding one: it would wait for the connection the first one holds.
+    """
+    if url.startswith("sqlite"):
+        path = make_url(url).database
+        one_connection: dict[str, Any] = {}  # in memory, there is only one anyway
+        if not _in_memory(path):
+            Path(str(path)).parent.mkdir(parents=True, exist_ok=True)
+            one_connection = {"pool_size": 1, "max_overflow": 0, "pool_timeout": WRITE_WAIT_S}
+        engine = create_async_engine(url, connect_args={"timeout": WRITE_WAIT_S}, **one_connection)
+        _sqlite_connections(engine, pragmas=["journal_mode=WAL", "synchronous=NORMAL"])
 
         # aiosqlite opens transactions lazily; BEGIN IMMEDIATE takes the write lock up
-        # front so concurrent writers queue on busy_timeout instead of failing to upgrade.
+        # front so a writer in another process never fails to upgrade a read lock.
         @event.listens_for(engine.sync_engine, "begin")
         def _begin_immediate(conn: Connection) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
-        @event.listens_for(engine.sync_engine, "connect")
-        def _no_pysqlite_tx(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.isolation_level = None
-
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def _in_memory(database: str | None) -> bool:
+    return database in (None, "", ":memory:")
+
+
+def _sqlite_connections(engine: AsyncEngine, pragmas: list[str]) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        for pragma in [*pragmas, f"busy_timeout={WRITE_WAIT_S * 1000}", "foreign_keys=ON"]:
+            cur.execute(f"PRAGMA {pragma}")
+        cur.close()
+        # Transactions are begun by the "begin" listeners, not by the driver.
+        dbapi_conn.isolation_level = None
+
+
+def create_read_engine(engine: AsyncEngine) -> AsyncEngine:
+    """The engine for read-only sessions, refusing writes.
+
+    On a SQLite file: a pool of its own whose transactions begin DEFERRED: under WAL
+    a reader sees the last commit and neither waits for the writer nor holds it up.
+    On PostgreSQL (or in-memory SQLite, which a second pool could not see): ``engine``
+    itself, its transactions READ ONLY on PostgreSQL.
+    """
+    if not is_sqlite(engine):
+        return engine.execution_options(postgresql_readonly=True)
+    if _in_memory(engine.url.database):
+        return engine
+    reader = create_async_engine(engine.url, connect_args={"timeout": WRITE_WAIT_S})
+    _sqlite_connections(reader, pragmas=["query_only=ON"])
+
+    @event.listens_for(reader.sync_engine, "begin")
+    def _begin_deferred(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN DEFERRED")
+
+    return reader
+
+
+def owns_pool(reader: AsyncEngine, engine: AsyncEngine) -> bool:
+    """Whether ``reader`` has connections of its own to dispose of."""
+    return reader.sync_engine.pool is not engine.sync_engine.pool
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import cast
 
+from sqlalchemy import Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from trapline.ledger.models import JobEvent, utcnow
@@ -12,6 +15,7 @@ from trapline.ledger.models import JobEvent, utcnow
 log = logging.getLogger("trapline.jobs")
 
 _MAX_IDS_IN_LINE = 50
+JOB_EVENTS = cast(Table, JobEvent.__table__)
 
 
 def format_ids(image_ids: Sequence[str]) -> str:
@@ -39,7 +43,81 @@ def record(
     image is always findable in the log by its id.
     """
     stored = f"{message} {format_ids(image_ids)}" if image_ids else message
-    session.add(_event(job_id, image_id, stored, level))
+    session.add(
+        JobEvent(
+            job_id=job_id,
+            image_id=image_id,
+            at=utcnow(),
+            level=logging.getLevelName(level),
+            message=stored,
+        )
+    )
+    _log(job_id, message, level, image_ids)
+
+
+class Journal:
+    """The job log lines and image history of one transition, stored with one multi-row
+    INSERT (not a round trip per line) in the transaction of the change they describe.
+
+    Lines are mirrored to the process log as they are added, exactly as :func:`record`
+    does; a transition that rolls back has logged what it tried, never stored it.
+    """
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+        self._rows: list[dict[str, object]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._rows)
+
+    def line(
+        self,
+        job_id: int,
+        message: str,
+        *,
+        level: int = logging.INFO,
+        image_id: str | None = None,
+        image_ids: Sequence[str] = (),
+    ) -> None:
+        """A job log line, with :func:`record`'s semantics."""
+        stored = f"{message} {format_ids(image_ids)}" if image_ids else message
+        self._rows.append(self._row(job_id, image_id, stored, level))
+        _log(job_id, message, level, image_ids)
+
+    def history(
+        self, job_id: int, lines: Iterable[tuple[str, str]], *, level: int = logging.INFO
+    ) -> None:
+        """History lines of single images (image id, message), without a job-level line."""
+        self._rows.extend(self._row(job_id, i, message, level) for i, message in lines)
+
+    def images(
+        self, job_id: int, image_ids: Sequence[str], message: str, *, level: int = logging.INFO
+    ) -> None:
+        """One job line naming every image, plus one history line per image."""
+        self.line(job_id, message, level=level, image_ids=image_ids)
+        self.history(job_id, ((i, message) for i in image_ids), level=level)
+
+    async def write(self, session: AsyncSession) -> None:
+        """Store every line added since the last write (one statement; none when empty)."""
+        if self._rows:
+            rows, self._rows = self._rows, []
+            await session.execute(insert(JOB_EVENTS), rows)
+
+    def _row(
+        self, job_id: int, image_id: str | None, message: str, level: int
+    ) -> dict[str, object]:
+        return {
+            "job_id": job_id,
+            "image_id": image_id,
+            "at": self.now,
+            "level": logging.getLevelName(level),
+            "message": message,
+        }
+
+
+def _log(job_id: int, message: str, level: int, image_ids: Sequence[str]) -> None:
+    """The process log names every image, in lines of at most ``_MAX_IDS_IN_LINE``: a lost
+    or failed image is always findable in the log by its id."""
     if not image_ids:
         log.log(level, "job %s: %s", job_id, message)
         return
@@ -49,37 +127,3 @@ def record(
         chunk = ", ".join(ids[start : start + _MAX_IDS_IN_LINE])
         suffix = f" (part {n} of {len(parts)})" if len(parts) > 1 else ""
         log.log(level, "job %s: %s [%s]%s", job_id, message, chunk, suffix)
-
-
-def record_images(
-    session: AsyncSession,
-    job_id: int,
-    image_ids: Sequence[str],
-    message: str,
-    *,
-    level: int = logging.INFO,
-) -> None:
-    """One job line naming every image, plus one history line per image."""
-    record(session, job_id, message, level=level, image_ids=image_ids)
-    record_history(session, job_id, [(i, message) for i in image_ids], level=level)
-
-
-def record_history(
-    session: AsyncSession,
-    job_id: int,
-    lines: Sequence[tuple[str, str]],
-    *,
-    level: int = logging.INFO,
-) -> None:
-    """History lines of single images (image id, message), without a job-level line."""
-    session.add_all(_event(job_id, image_id, message, level) for image_id, message in lines)
-
-
-def _event(job_id: int, image_id: str | None, message: str, level: int) -> JobEvent:
-    return JobEvent(
-        job_id=job_id,
-        image_id=image_id,
-        at=utcnow(),
-        level=logging.getLevelName(level),
-        message=message,
-    )

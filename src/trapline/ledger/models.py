@@ -68,6 +68,14 @@ class ImageState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
 
+    # Named once: every transition guards on these sets (set after the class below).
+    OPEN: ClassVar[tuple[ImageState, ...]]  # no outcome yet: a worker may still deliver one
+    SETTLED: ClassVar[tuple[ImageState, ...]]  # an outcome is known
+
+
+ImageState.OPEN = (ImageState.QUEUED, ImageState.RESERVED)
+ImageState.SETTLED = (ImageState.DONE, ImageState.FAILED)
+
 
 class Role(enum.StrEnum):
     ADMIN = "admin"

@@ -43,18 +43,6 @@ async def job_counts(session: AsyncSession, job_id: int) -> Counts:
     return counts
 
 
-async def remaining_images(session: AsyncSession, job_id: int) -> int:
-    n = await session.scalar(
-        select(func.count())
-        .select_from(JobImage)
-        .where(
-            JobImage.job_id == job_id,
-            JobImage.state.in_([ImageState.QUEUED, ImageState.RESERVED]),
-        )
-    )
-    return int(n or 0)
-
-
 async def image_row(session: AsyncSession, job_id: int, image_id: str) -> JobImage:
     """The ledger row of one image of a job; NotFound names both."""
     row = await session.scalar(

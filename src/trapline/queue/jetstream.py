@@ -30,7 +30,9 @@ from trapline.queue import naming
 log = logging.getLogger(__name__)
 
 _NS = 1_000_000_000
-_PUBLISH_WINDOW = 1000
+# Publishes awaiting their acknowledgement at most, and how long to wait for one.
+_PUBLISH_WINDOW = 2000
+_ACK_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -208,32 +210,44 @@ class TaskQueue:
     async def publish_tasks(
         self, job_id: int, generation: int, payloads: Sequence[dict[str, Any]]
     ) -> list[int]:
-        """Publish one message per payload with async acks; returns stream sequences in order.
+        """Publish one message per payload; returns their stream sequences, in order.
 
+        Up to ``_PUBLISH_WINDOW`` publishes are in flight (sliding, not stop-and-wait),
+        their acknowledgements read on one inbox subscription and parsed directly
+        (nats-py's ``publish_async`` builds a future and a ``PubAck`` per message).
         Each message carries a ``Nats-Msg-Id`` of job, generation and image, so a
-        publish retried after a lost ack is deduplicated by the stream.
+        publish retried after a lost ack is deduplicated by the stream. Any publish
+        the stream refuses, or no acknowledgement for ``_ACK_TIMEOUT_S``, fails the
+        whole call: the caller re-queues under a new generation (a new stream).
         """
-        js = self.nc.jetstream()
+        if not payloads:
+            return []
+        nc = self.nc
         subj = self.names.subject(job_id, generation)
         stream = self.names.stream(job_id, generation)
-        seqs: list[int] = []
+        acks = _PublishAcks(len(payloads), stream)
+        inbox = nc.new_inbox()
         try:
-            for start in range(0, len(payloads), _PUBLISH_WINDOW):
-                window = payloads[start : start + _PUBLISH_WINDOW]
-                futures = [
-                    await js.publish_async(
+            sub = await nc.subscribe(f"{inbox}.*", cb=acks.on_ack)
+            try:
+                for n, payload in enumerate(payloads):
+                    if n - acks.count >= _PUBLISH_WINDOW:
+                        await acks.wait(n - _PUBLISH_WINDOW // 2)
+                    await nc.publish(
                         subj,
-                        json.dumps(p, separators=(",", ":")).encode(),
-                        stream=stream,
-                        headers={"Nats-Msg-Id": f"{job_id}:{generation}:{p['image_id']}"},
+                        json.dumps(payload, separators=(",", ":")).encode(),
+                        reply=f"{inbox}.{n}",
+                        headers={"Nats-Msg-Id": f"{job_id}:{generation}:{payload['image_id']}"},
                     )
-                    for p in window
-                ]
-                acks = await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
-                seqs.extend(int(a.seq) for a in acks)
+                await acks.wait(len(payloads))
+            finally:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+        except QueueError as exc:
+            raise type(exc)(f"cannot publish the tasks of job {job_id}: {exc}") from exc
         except (TimeoutError, nats.errors.Error) as exc:
             raise _queue_error(exc, f"cannot publish the tasks of job {job_id}") from exc
-        return seqs
+        return acks.seqs()
 
     # -- reserving -------------------------------------------------------------------
 
@@ -315,6 +329,53 @@ class TaskQueue:
             await nc.flush(timeout=5)
         except (TimeoutError, nats.errors.Error) as exc:
             raise _queue_error(exc, "cannot reach the task queue") from exc
+
+
+class _PublishAcks:
+    """The acknowledgements of one batch of publishes, by position (the reply subject's tail)."""
+
+    def __init__(self, n: int, stream: str) -> None:
+        self._seqs: list[int] = [0] * n
+        self._stream = stream
+        self.count = 0
+        self._error: str | None = None
+        self._target = 0
+        self._reached = asyncio.Event()
+
+    async def on_ack(self, msg: Msg) -> None:
+        try:
+            index = int(msg.subject.rpartition(".")[2])
+            ack = json.loads(msg.data)
+            seq = int(ack["seq"]) if ack.get("stream") == self._stream else 0
+        except (ValueError, KeyError, TypeError, AttributeError):
+            index, ack, seq = -1, {}, 0
+        if seq <= 0 or not 0 <= index < len(self._seqs) or self._seqs[index]:
+            detail = ack.get("error") if isinstance(ack, dict) else None
+            self._error = f"publish refused: {detail or _status(msg) or msg.data[:200]!r}"
+            self._reached.set()
+            return
+        self._seqs[index] = seq
+        self.count += 1
+        if self.count >= self._target:
+            self._reached.set()
+
+    async def wait(self, count: int) -> None:
+        """Until ``count`` acknowledgements arrived; QueueError on a refusal or a silence."""
+        if self.count < count and self._error is None:
+            self._target = count
+            self._reached.clear()
+            try:
+                await asyncio.wait_for(self._reached.wait(), timeout=_ACK_TIMEOUT_S)
+            except TimeoutError:
+                raise QueueUnavailable(
+                    f"no publish acknowledgements for {_ACK_TIMEOUT_S:g} s"
+                    f" ({self.count} of {len(self._seqs)} acknowledged)"
+                ) from None
+        if self._error is not None:
+            raise QueueError(self._error)
+
+    def seqs(self) -> list[int]:
+        return self._seqs
 
 
 def _status(msg: Msg) -> str | None:

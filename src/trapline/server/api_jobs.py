@@ -7,12 +7,12 @@ import csv
 import dataclasses
 import io
 from datetime import timedelta
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import Response
 from sqlalchemy import select
+from starlette.routing import Route
 
 from trapline.errors import InvalidRequest, NotFound
 from trapline.ledger.models import (
@@ -26,17 +26,18 @@ from trapline.ledger.models import (
     utcnow,
 )
 from trapline.ledger.queries import image_detections, image_row
-from trapline.server import lifecycle
+from trapline.server import creation, files, lifecycle
 from trapline.server.api_worker import load_job
 from trapline.server.auth import Admin, Caller, Ctx, check_project
-from trapline.server.schemas import JobCreateIn
+from trapline.server.edge import FastJSONResponse
+from trapline.server.schemas import JobCreateIn, JobImagesIn
 from trapline.server.views import detection_view, event_view, image_view, job_view
 
 router = APIRouter(prefix="/api/v2", tags=["jobs"])
 
 
 async def _view(ctx: Ctx, job_id: int) -> dict[str, Any]:
-    async with ctx.sessions() as session:
+    async with ctx.reads() as session:
         job = await session.get(Job, job_id)
         if job is None:
             raise NotFound(f"job {job_id} not found")
@@ -46,19 +47,20 @@ async def _view(ctx: Ctx, job_id: int) -> dict[str, Any]:
 @router.post("/jobs/", status_code=201)
 async def create_job(body: JobCreateIn, ctx: Ctx, caller: Admin) -> dict[str, Any]:
     check_project(caller, body.project_id)
-    async with ctx.sessions() as session:
+    async with ctx.reads() as session:
         if await session.get(Project, body.project_id) is None:
             raise NotFound(f"project {body.project_id} not found")
     if body.images_dir and body.images:
         raise InvalidRequest("give either images or images_dir, not both")
+    images: list[creation.NewImage] = []
     if body.images_dir:
-        images = await asyncio.to_thread(lifecycle.images_from_dir, body.images_dir)
-    else:
-        images = lifecycle.images_from_urls(body.images)
+        images = await asyncio.to_thread(creation.images_from_dir, body.images_dir)
+    elif body.images or body.start_now:
+        images = creation.images_from_urls(body.images)
     deadline = (
         utcnow() + timedelta(seconds=body.deadline_seconds) if body.deadline_seconds else None
     )
-    job_id = await lifecycle.create_job(
+    job_id = await creation.create_job(
         ctx,
         name=body.name or f"{body.pipeline} job",
         project_id=body.project_id,
@@ -78,11 +80,20 @@ async def get_job(job_id: int, ctx: Ctx, caller: Caller) -> dict[str, Any]:
     return await _view(ctx, job_id)
 
 
+@router.post("/jobs/{job_id}/images/")
+async def append_images(job_id: int, body: JobImagesIn, ctx: Ctx, caller: Admin) -> dict[str, Any]:
+    """A page of images for a job created with ``start_now: false``, before it starts."""
+    await load_job(ctx, caller, job_id)
+    total = await creation.append_images(ctx, job_id, body.images)
+    # Not the job view: counting a big job's rows per page would make paging quadratic.
+    return {"job_id": job_id, "added": len(body.images), "total": total}
+
+
 @router.post("/jobs/{job_id}/start/")
 async def start_job(job_id: int, ctx: Ctx, caller: Admin) -> dict[str, Any]:
-    job = await load_job(ctx, caller, job_id)
-    if job.queue_generation == 0:
-        await lifecycle.queue_job(ctx, job_id)
+    """Queue a job created with ``start_now: false`` (409 if already started)."""
+    await load_job(ctx, caller, job_id)
+    await lifecycle.start_job(ctx, job_id)
     return await _view(ctx, job_id)
 
 
@@ -116,7 +127,7 @@ async def list_images(
         query = query.where((JobImage.deliveries > 1) | (JobImage.expiries > 0))
     if state:
         query = query.where(JobImage.state.in_(state.lower().split(",")))
-    async with ctx.sessions() as session:
+    async with ctx.reads() as session:
         rows = (
             await session.scalars(query.order_by(JobImage.id).limit(limit).offset(offset))
         ).all()
@@ -127,7 +138,7 @@ async def list_images(
 async def show_image(job_id: int, image_id: str, ctx: Ctx, caller: Caller) -> dict[str, Any]:
     """One image's ledger row, its full history and its detections."""
     await load_job(ctx, caller, job_id)
-    async with ctx.sessions() as session:
+    async with ctx.reads() as session:
         row = await image_row(session, job_id, image_id)
         history = (
             await session.scalars(
@@ -164,7 +175,7 @@ async def job_logs(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> dict[str, Any]:
     await load_job(ctx, caller, job_id)
-    async with ctx.sessions() as session:
+    async with ctx.reads() as session:
         rows = (
             await session.scalars(
                 select(JobEvent)
@@ -187,9 +198,9 @@ async def job_results(
     format: str = "json",
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
     offset: Annotated[int, Query(ge=0)] = 0,
-) -> Response | dict[str, Any]:
+) -> Response:
     await load_job(ctx, caller, job_id)
-    async with ctx.sessions() as session:
+    async with ctx.reads() as session:
         dets = (
             await session.scalars(
                 select(Detection)
@@ -222,12 +233,14 @@ async def job_results(
         return Response(out.getvalue(), media_type="text/csv")
     if format != "json":
         raise InvalidRequest("format must be json or csv")
-    return {"job_id": job_id, "count": len(dets), "results": [detection_view(d) for d in dets]}
+    return FastJSONResponse(
+        {"job_id": job_id, "count": len(dets), "results": [detection_view(d) for d in dets]}
+    )
 
 
 @router.get("/pipelines/")
 async def list_pipelines(ctx: Ctx, caller: Caller) -> dict[str, Any]:
-    async with ctx.sessions() as session:
+    async with ctx.reads() as session:
         pipelines = (await session.scalars(select(PipelineRow).order_by(PipelineRow.slug))).all()
         services_q = select(ProcessingService).order_by(ProcessingService.id)
         if caller.project_id is not None:
@@ -254,29 +267,13 @@ async def list_pipelines(ctx: Ctx, caller: Caller) -> dict[str, Any]:
 files_router = APIRouter(tags=["files"])
 
 
-@files_router.get("/api/v2/files/{job_id}/{image_id:path}/", response_model=None)
-async def serve_file(
-    job_id: int, image_id: str, ctx: Ctx, expires: int = 0, sig: str = ""
-) -> FileResponse | JSONResponse:
-    """An image of a local-folder job, by signed URL (no token: workers download without one)."""
-    if not ctx.signer.verify(job_id, image_id, expires, sig):
-        return JSONResponse({"detail": "invalid or expired signature"}, status_code=403)
-    async with ctx.sessions() as session:
-        job = await session.get(Job, job_id)
-        row = await session.scalar(
-            select(JobImage).where(JobImage.job_id == job_id, JobImage.image_id == image_id)
-        )
-    if job is None or row is None or not row.path or not job.images_dir:
-        return JSONResponse({"detail": "image not found"}, status_code=404)
-    path = await asyncio.to_thread(_servable, row.path, job.images_dir)
-    if path is None:
-        return JSONResponse({"detail": "image not found"}, status_code=404)
-    return FileResponse(path)
-
-
-def _servable(path: str, images_dir: str) -> Path | None:
-    """The file, if it still exists inside the job's folder (no links out of it)."""
-    resolved = Path(path).resolve()
-    if resolved.is_relative_to(Path(images_dir).resolve()) and resolved.is_file():
-        return resolved
-    return None
+# A signed URL is its own authorization, so the route skips FastAPI's dependencies and
+# validation, and the database (see files.py): it is the hot path of a folder job.
+files_router.routes.append(
+    Route(
+        "/api/v2/files/{job_id:int}/{image_id:path}/",
+        files.FileServer(),
+        methods=["GET"],
+        include_in_schema=False,
+    )
+)

@@ -34,7 +34,7 @@ def base_url(request: Request, ctx: AppContext) -> str:
 
 
 async def load_job(ctx: AppContext, caller: Principal, job_id: int) -> Job:
-    async with ctx.sessions() as session:
+    async with ctx.reads() as session:
         job = await session.get(Job, job_id)
     if job is None:
         raise NotFound(f"job {job_id} not found")

@@ -16,7 +16,13 @@ from sqlalchemy import text
 from starlette.types import ASGIApp
 
 import trapline
-from trapline.ledger.db import create_engine, migrate, session_factory
+from trapline.ledger.db import (
+    create_engine,
+    create_read_engine,
+    migrate,
+    owns_pool,
+    session_factory,
+)
 from trapline.queue import EmbeddedNats, TaskQueue
 from trapline.server import api_jobs, api_worker, dashboard
 from trapline.server.auth import Ctx, TokenCache
@@ -38,6 +44,9 @@ async def running_context(settings: ServerSettings) -> AsyncIterator[AppContext]
         stack.push_async_callback(engine.dispose)
         await migrate(engine)
         sessions = session_factory(engine)
+        reader = create_read_engine(engine)
+        if owns_pool(reader, engine):
+            stack.push_async_callback(reader.dispose)
         nats_url = settings.nats_url
         if not nats_url:
             embedded = EmbeddedNats(settings.data_dir.resolve() / "nats")
@@ -56,6 +65,7 @@ async def running_context(settings: ServerSettings) -> AsyncIterator[AppContext]
             settings=settings,
             engine=engine,
             sessions=sessions,
+            reads=session_factory(reader),
             queue=queue,
             signer=signer,
             tokens=TokenCache(),
@@ -100,8 +110,8 @@ def create_app(settings: ServerSettings | None = None) -> ASGIApp:
     async def healthz(ctx: Ctx) -> JSONResponse:
         checks: dict[str, Any] = {"nats": ctx.queue.connected}
         try:
-            async with ctx.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+            async with ctx.reads() as session:
+                await session.execute(text("SELECT 1"))
             checks["database"] = True
         except Exception as exc:  # any failure means "not healthy", with its reason
             checks["database"] = False

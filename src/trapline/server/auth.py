@@ -51,7 +51,7 @@ async def principal(request: Request, ctx: Ctx) -> Principal:
     cached = ctx.tokens.get(key, now)
     if cached is not None:
         return cached
-    async with ctx.sessions() as session:
+    async with ctx.reads() as session:
         found = await lookup(session, key)
     if found is None:
         raise AuthError("unknown token")

@@ -21,7 +21,11 @@ if TYPE_CHECKING:  # auth depends on this module at run time
 class AppContext:
     settings: ServerSettings
     engine: AsyncEngine
+    # Writes, and reads that must see their own transaction's writes. On SQLite one
+    # connection: never open a second ``sessions()`` session while holding one.
     sessions: async_sessionmaker[AsyncSession]
+    # Read-only work: never waits for a writer (transactions refuse writes).
+    reads: async_sessionmaker[AsyncSession]
     queue: TaskQueue
     signer: UrlSigner
     tokens: TokenCache

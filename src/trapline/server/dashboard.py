@@ -96,7 +96,7 @@ async def annotated_image(
     and, with ``labels``, captioned ``#index label score``.
     """
     job = await load_job(ctx, caller, job_id)
-    async with ctx.sessions() as session:
+    async with ctx.reads() as session:
         row = await image_row(session, job_id, image_id)
         detections = await image_detections(session, job_id, image_id)
     try:

@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-
-from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from trapline.errors import QueueError, ReceiptError
-from trapline.ledger import events
-from trapline.ledger.models import ImageState, Job, JobImage, JobStatus, utcnow
-from trapline.queue import Delivery, Receipt, naming, parse_receipt
+from trapline.ledger import transitions
+from trapline.ledger.models import Job, JobStatus, utcnow
+from trapline.ledger.transitions import Holder as Holder
+from trapline.queue import Receipt, naming, parse_receipt
 from trapline.server.context import AppContext
-from trapline.server.expiry import Lapses
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Holder:
-    """Who asked: recorded with every lease so an operator can see who held an image."""
-
-    token_name: str
-    worker_name: str | None = None
-    worker_id: str | None = None
-
-    def describe(self) -> str:
-        name = self.worker_name or self.token_name
-        return f"{name} ({self.worker_id})" if self.worker_id else name
 
 
 @dataclass(frozen=True)
@@ -68,119 +51,71 @@ async def reserve(
     )
     if not deliveries:
         return []
+    offers = [
+        transitions.Offer(d.stream_seq, d.payload.get("image_id"), d.delivered, d.reply_subject)
+        for d in deliveries
+    ]
     try:
-        tasks, settled, to_term = await _lease(ctx, job, deliveries, holder, base_url)
+        async with ctx.sessions() as session, session.begin():
+            leasing = await transitions.lease(
+                session,
+                job.id,
+                offers,
+                holder,
+                now=utcnow(),
+                lease_s=ctx.settings.ack_wait_s,
+                max_deliver=ctx.settings.max_deliver,
+            )
     except Exception:
         # Not recorded as leased: hand the messages straight back, then report.
         await ctx.queue.release([d.reply_subject for d in deliveries])
         raise
-    if tasks:
+    count_lapses(ctx, leasing.lapsed)
+    if leasing.leased:
         ctx.metrics.reserves.inc()
-        ctx.metrics.tasks_reserved.inc(len(tasks))
-    if settled:
-        await ctx.queue.ack(settled)
+        ctx.metrics.tasks_reserved.inc(len(leasing.leased))
+    payloads = {d.reply_subject: d.payload for d in deliveries}
+    for stray in leasing.strays:
+        log.warning(
+            "job %s: message seq %s (%s) has no ledger row; terminating it",
+            job.id,
+            stray.seq,
+            payloads[stray.receipt],
+        )
+    if leasing.settled:
+        await ctx.queue.ack(leasing.settled)
+    to_term = {
+        "no ledger row for this message": [o.receipt for o in leasing.strays],
+        "max deliveries exhausted": leasing.exhausted,
+    }
     for reason, subjects in to_term.items():
         if subjects:
             await ctx.queue.term(subjects, reason)
-    return tasks
+    return [
+        Task(
+            f"{job.id}:{t.image_id}",
+            t.image_id,
+            t.url or ctx.signer.url(base_url, job.id, t.image_id),
+            t.receipt,
+        )
+        for t in leasing.leased
+    ]
 
 
-async def _lease(
-    ctx: AppContext, job: Job, deliveries: Sequence[Delivery], holder: Holder, base_url: str
-) -> tuple[list[Task], list[str], dict[str, list[str]]]:
-    """Record the leases of ``deliveries``; (tasks to hand out, receipts to ACK, to TERM)."""
-    now = utcnow()
-    deadline = now + timedelta(seconds=ctx.settings.ack_wait_s)
-    tasks: list[Task] = []
-    settled: list[str] = []  # images that already have an outcome: ACK, don't hand out
-    strays: list[str] = []
-    async with ctx.sessions() as session, session.begin():
-        rows = {
-            r.msg_seq: r
-            for r in (
-                await session.scalars(
-                    select(JobImage).where(
-                        JobImage.job_id == job.id,
-                        JobImage.msg_seq.in_([d.stream_seq for d in deliveries]),
-                    )
-                )
-            ).all()
-        }
-        leased: list[str] = []
-        redelivered: list[str] = []
-        lapses = Lapses(session, ctx.settings.max_deliver, ctx.metrics)
-        exhausted: list[str] = []
-        delivery_numbers: list[int] = []
-        for d in deliveries:
-            row = rows.get(d.stream_seq)
-            if row is None or row.image_id != d.payload.get("image_id"):
-                log.warning(
-                    "job %s: message seq %s (%s) has no ledger row; terminating it",
-                    job.id,
-                    d.stream_seq,
-                    d.payload,
-                )
-                strays.append(d.reply_subject)
-                continue
-            if row.state in (ImageState.DONE, ImageState.FAILED):
-                settled.append(d.reply_subject)
-                continue
-            if row.state == ImageState.RESERVED and d.delivered > row.deliveries:
-                # JetStream redelivered before the reconciler saw the lease lapse:
-                # apply the same rule here, so the budget holds whoever is faster.
-                await lapses.apply(row, now)
-                # Whoever applied the lapse (this server or another), read its result.
-                await session.refresh(row)
-                if row.state == ImageState.FAILED:
-                    exhausted.append(d.reply_subject)
-                    continue
-                if row.state == ImageState.DONE:  # its result landed meanwhile
-                    settled.append(d.reply_subject)
-                    continue
-            row.state = ImageState.RESERVED
-            row.leases += 1
-            row.deliveries = d.delivered
-            row.receipt = d.reply_subject
-            row.holder_name = holder.worker_name
-            row.holder_id = holder.worker_id
-            row.holder_token = holder.token_name
-            row.leased_at = now
-            row.lease_deadline = deadline
-            row.updated_at = now
-            leased.append(row.image_id)
-            if d.delivered > 1:
-                redelivered.append(row.image_id)
-            delivery_numbers.append(d.delivered)
-            url = row.url or ctx.signer.url(base_url, job.id, row.image_id)
-            tasks.append(Task(f"{job.id}:{row.image_id}", row.image_id, url, d.reply_subject))
-        lapses.record()
-        if leased:
-            events.record_history(
-                session,
-                job.id,
-                [
-                    (t.image_id, f"reserved by {holder.describe()} (JetStream delivery {n})")
-                    for t, n in zip(tasks, delivery_numbers, strict=True)
-                ],
-            )
-            events.record(
-                session,
-                job.id,
-                f"reserved {len(leased)} task(s) to {holder.describe()}"
-                + (f"; redeliveries {events.format_ids(redelivered)}" if redelivered else ""),
-            )
-    return (
-        tasks,
-        settled,
-        {"no ledger row for this message": strays, "max deliveries exhausted": exhausted},
-    )
+def count_lapses(ctx: AppContext, lapsed: transitions.Lapsed) -> None:
+    """Metrics of leases a transition ended (the reserve path's or the reconciler's)."""
+    if lapsed.count:
+        ctx.metrics.lease_expiries.inc(lapsed.count)
+    if lapsed.exhausted:
+        ctx.metrics.images_failed.labels("max deliveries exhausted").inc(len(lapsed.exhausted))
 
 
-async def _held_receipts(
+def _held_receipts(
     ctx: AppContext, job: Job, reply_subjects: Sequence[object]
-) -> tuple[dict[str, JobImage], list[str]]:
-    """Receipts that are the *current* delivery of a reserved image, and the rest."""
-    parsed: dict[str, Receipt] = {}
+) -> tuple[dict[tuple[int, int], str], list[str]]:
+    """Receipts of the job's current queue generation by (stream seq, delivery number),
+    and the rest; the ledger then acts only on those naming the current delivery."""
+    held: dict[tuple[int, int], str] = {}
     unknown: list[str] = []
     for s in reply_subjects:
         try:
@@ -189,86 +124,46 @@ async def _held_receipts(
             unknown.append(str(s)[:512])
             continue
         if is_current(ctx.queue.names, job, r):
-            parsed[r.subject] = r
+            held[(r.stream_seq, r.delivered)] = r.subject
         else:
             unknown.append(r.subject)
-    held: dict[str, JobImage] = {}
-    if parsed:
-        async with ctx.sessions() as session:
-            rows = (
-                await session.scalars(
-                    select(JobImage).where(
-                        JobImage.job_id == job.id,
-                        JobImage.msg_seq.in_([r.stream_seq for r in parsed.values()]),
-                    )
-                )
-            ).all()
-        by_seq = {row.msg_seq: row for row in rows}
-        for subject, r in parsed.items():
-            row = by_seq.get(r.stream_seq)
-            # A stale receipt would act on the current delivery: refuse it.
-            if row and row.state == ImageState.RESERVED and row.deliveries == r.delivered:
-                held[subject] = row
-            else:
-                unknown.append(subject)
     return held, unknown
-
-
-async def _update_held(session: AsyncSession, rows: Iterable[JobImage], **values: object) -> None:
-    """Update leases only while they are still the delivery the caller proved it holds."""
-    by_delivery: dict[int, list[int]] = {}
-    for row in rows:
-        by_delivery.setdefault(row.deliveries, []).append(row.id)
-    # One statement per delivery number (nearly always one), not one per task.
-    for delivered, ids in by_delivery.items():
-        await session.execute(
-            update(JobImage)
-            .where(
-                JobImage.id.in_(ids),
-                JobImage.state == ImageState.RESERVED,
-                JobImage.deliveries == delivered,
-            )
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
 
 
 async def extend(
     ctx: AppContext, job: Job, reply_subjects: Sequence[object]
 ) -> tuple[list[str], list[str]]:
     """Reset the lease of each task the caller still holds (JetStream in-progress ack)."""
-    held, unknown = await _held_receipts(ctx, job, reply_subjects)
-    if not held:
+    receipts, unknown = _held_receipts(ctx, job, reply_subjects)
+    if not receipts:
         return [], unknown
-    await ctx.queue.extend(list(held))
-    now = utcnow()
-    deadline = now + timedelta(seconds=ctx.settings.ack_wait_s)
     async with ctx.sessions() as session, session.begin():
-        await _update_held(session, held.values(), lease_deadline=deadline, updated_at=now)
-    return list(held), unknown
+        extended = await transitions.extend(
+            session, job.id, list(receipts), now=utcnow(), lease_s=ctx.settings.ack_wait_s
+        )
+    held = [s for key, s in receipts.items() if key in extended]
+    unknown += [s for key, s in receipts.items() if key not in extended]
+    if held:
+        await ctx.queue.extend(held)
+    return held, unknown
 
 
 async def release(
     ctx: AppContext, job: Job, reply_subjects: Sequence[object], delay_s: float
 ) -> tuple[list[str], list[str]]:
     """Give held tasks back for redelivery (JetStream NAK)."""
-    held, unknown = await _held_receipts(ctx, job, reply_subjects)
+    receipts, unknown = _held_receipts(ctx, job, reply_subjects)
+    if not receipts:
+        return [], unknown
+    async with ctx.sessions() as session, session.begin():
+        released = await transitions.release(session, job.id, list(receipts), now=utcnow())
+    held = [s for key, s in receipts.items() if key in released]
+    unknown += [s for key, s in receipts.items() if key not in released]
     if not held:
         return [], unknown
-    now = utcnow()
-    async with ctx.sessions() as session, session.begin():
-        await _update_held(
-            session, held.values(), state=ImageState.QUEUED, lease_deadline=None, updated_at=now
-        )
-        events.record(
-            session,
-            job.id,
-            f"released {len(held)} task(s) by {held[next(iter(held))].holder_name or 'worker'}",
-            image_ids=[r.image_id for r in held.values()],
-        )
     try:
-        await ctx.queue.release(list(held), delay_s)
+        await ctx.queue.release(held, delay_s)
     except QueueError:
         # The ledger says queued; JetStream redelivers after ack_wait anyway.
         log.warning("job %s: release not sent; tasks come back after their lease", job.id)
-    return list(held), unknown
+    return held, unknown

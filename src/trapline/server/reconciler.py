@@ -18,10 +18,10 @@ from nats.aio.msg import Msg
 from sqlalchemy import exists, select
 
 from trapline.errors import QueueError, TraplineError
+from trapline.ledger import transitions
 from trapline.ledger.models import ImageState, Job, JobImage, JobStatus, utcnow
-from trapline.server import lifecycle
+from trapline.server import dispatch, lifecycle
 from trapline.server.context import AppContext
-from trapline.server.expiry import Lapses
 
 log = logging.getLogger(__name__)
 
@@ -108,33 +108,20 @@ class Reconciler:
         """Leases past their deadline: back to queued, or failed after the last delivery."""
         ctx = self.ctx
         now = utcnow()
-        to_term: list[str] = []
-        changed = 0
         async with ctx.sessions() as session, session.begin():
-            rows = (
-                await session.scalars(
-                    select(JobImage)
-                    .where(JobImage.state == ImageState.RESERVED, JobImage.lease_deadline < now)
-                    .limit(_SWEEP_LIMIT)
-                )
-            ).all()
-            oldest = min((r.lease_deadline for r in rows if r.lease_deadline), default=now)
-            ctx.metrics.reconciler_lag.set((now - oldest).total_seconds())
-            lapses = Lapses(session, ctx.settings.max_deliver, ctx.metrics)
-            for row in rows:
-                outcome = await lapses.apply(row, now)
-                if outcome is None:
-                    continue
-                changed += 1
-                if outcome == ImageState.FAILED and row.receipt:
-                    to_term.append(row.receipt)
-            lapses.record()
+            expired = await transitions.expire_leases(
+                session, now=now, max_deliver=ctx.settings.max_deliver, limit=_SWEEP_LIMIT
+            )
+        oldest = expired.oldest_deadline or now
+        ctx.metrics.reconciler_lag.set((now - oldest).total_seconds())
+        dispatch.count_lapses(ctx, expired.lapsed)
+        to_term = [h.receipt for h in expired.lapsed.exhausted if h.receipt]
         if to_term:
             try:
                 await ctx.queue.term(to_term, "max deliveries exhausted")
             except QueueError as exc:
                 log.warning("could not TERM %d exhausted messages: %s", len(to_term), exc)
-        return changed
+        return expired.lapsed.count
 
     async def apply_deadlines(self) -> None:
         """Jobs past their optional deadline: what remains fails with ``deadline passed``."""
@@ -162,7 +149,7 @@ class Reconciler:
         async with self.ctx.sessions() as session:
             open_images = exists().where(
                 JobImage.job_id == Job.id,
-                JobImage.state.in_([ImageState.QUEUED, ImageState.RESERVED]),
+                JobImage.state.in_(ImageState.OPEN),
             )
             job_ids = (
                 await session.scalars(

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from trapline.server.lifecycle import PAGE as MAX_PAGE_IMAGES
+
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -51,4 +53,14 @@ class JobCreateIn(BaseModel):
     images_dir: str | None = None
     failure_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     deadline_seconds: float | None = Field(default=None, gt=0)
+    # False: the job waits in CREATED, its images appended a page at a time
+    # (JobImagesIn), until POST /api/v2/jobs/{id}/start/.
     start_now: bool = True
+
+
+class JobImagesIn(BaseModel):
+    """A page of images appended to a job that has not been started."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_PAGE_IMAGES)

@@ -35,7 +35,8 @@ class UrlSigner:
     def verify(self, job_id: int, image_id: str, expires: int, sig: str) -> bool:
         if expires < time.time():
             return False
-        return hmac.compare_digest(self._sig(job_id, image_id, expires), sig)
+        # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
+        return hmac.compare_digest(self._sig(job_id, image_id, expires).encode(), sig.encode())
 
 
 async def load_secret(sessions: async_sessionmaker[AsyncSession], name: str, nbytes: int) -> str:
