@@ -3,7 +3,7 @@
 Most worker tests run against the real trapline server. This fake is for what
 that server never does: answer as a plain Antenna server (no capabilities, no
 extend or release, job lists in small pages) and hand out malformed tasks. It
-builds the worker API of PROTOCOL.md on a :class:`LocalServer`; token
+builds the worker API of docs/protocol.md on a :class:`LocalServer`; token
 ``secret``. Image URLs point nowhere: use it with pipelines that need no pixels.
 """
 

@@ -1,4 +1,4 @@
-"""The job API for people, the CLI and the dashboard (PROTOCOL.md §3), and served image files."""
+"""The job API for people, the CLI and the dashboard (docs/protocol.md §3), and served image files."""
 
 from __future__ import annotations
 

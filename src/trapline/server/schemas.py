@@ -1,4 +1,4 @@
-"""Request bodies of the HTTP API (responses are plain dicts in PROTOCOL.md's shapes)."""
+"""Request bodies of the HTTP API (responses are plain dicts in the shapes of docs/protocol.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""JSON views of jobs and images in the shapes of PROTOCOL.md §3 (Antenna's progress shape)."""
+"""JSON views of jobs and images in the shapes of docs/protocol.md §3 (Antenna's progress shape)."""
 
 from __future__ import annotations
 

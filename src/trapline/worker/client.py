@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 JsonDict = dict[str, Any]
 
-# Statuses after which the same request may succeed later (PROTOCOL.md: a 5xx
+# Statuses after which the same request may succeed later (docs/protocol.md: a 5xx
 # or dropped connection means "nothing is known": retry the same body).
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 

@@ -1,6 +1,6 @@
 """Delivery of outbox batches to ``POST /api/v2/jobs/{id}/result/``.
 
-The rules (PROTOCOL.md): a 2xx means every item answered ``accepted`` or
+The rules (docs/protocol.md): a 2xx means every item answered ``accepted`` or
 ``duplicate`` is committed, so the batch leaves the outbox; a 5xx or a dropped
 connection means nothing is known, so the same body is sent again (the server
 is idempotent). Retries use exponential backoff with full jitter, capped low so

@@ -1,6 +1,6 @@
 """Image download and decoding.
 
-Images are fetched with a plain GET and no Authorization header (PROTOCOL.md:
+Images are fetched with a plain GET and no Authorization header (docs/protocol.md:
 image URLs work by URL alone). Permanent failures (404, 410, other 4xx, bad
 URL, undecodable bytes) become a reason at once; transient ones (timeouts,
 connection errors, 408/429/5xx) are retried ``retries`` times first.

@@ -1,6 +1,6 @@
 """Reserved tasks: validation of the server's task objects and the batch that carries them.
 
-The task contract (PROTOCOL.md): ``id`` and ``image_id`` are strings,
+The task contract (docs/protocol.md): ``id`` and ``image_id`` are strings,
 ``image_url`` is never null, ``reply_subject`` is the receipt. A task that
 breaks it never aborts the worker: with a receipt it becomes an error result
 naming what was wrong; without one it can be neither reported nor released, so

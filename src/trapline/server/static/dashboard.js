@@ -1,4 +1,4 @@
-// trapline dashboard: plain JS over the JSON job API (PROTOCOL.md section 3).
+// trapline dashboard: plain JS over the JSON job API (docs/protocol.md §3).
 // The token is asked for once and kept in sessionStorage (localStorage when
 // "remember" is ticked); every call sends it as "Authorization: Token <key>".
 // Every value from the server reaches the page through textContent, never HTML.
