@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.support import bodies
+from tests.support.job_logs import totals_of_result_lines
 from tests.support.polling import until
 from tests.support.processes import ServerProcess
 
@@ -20,8 +20,6 @@ BATCH = 16
 # One result POST per batch of 16 (the last one holds the remainder).
 RESULT_POSTS = -(-JOB_IMAGES // BATCH)
 RESULT_PATH = r"^/api/v2/jobs/\d+/result/?$"
-
-_RESULT_LINE = re.compile(r"results from .*: (\d+) accepted, (\d+) duplicate, (\d+) rejected")
 
 
 def ts(iso: str) -> float:
@@ -93,15 +91,7 @@ async def job_logs(server: ServerProcess, job_id: int) -> list[dict[str, Any]]:
 
 async def result_totals(server: ServerProcess, job_id: int) -> dict[str, int]:
     """Sums of the server's per-POST result lines: accepted, duplicate, rejected, posts."""
-    totals = {"accepted": 0, "duplicate": 0, "rejected": 0, "posts": 0}
-    for line in await job_logs(server, job_id):
-        m = _RESULT_LINE.search(line["message"])
-        if m:
-            totals["posts"] += 1
-            totals["accepted"] += int(m.group(1))
-            totals["duplicate"] += int(m.group(2))
-            totals["rejected"] += int(m.group(3))
-    return totals
+    return totals_of_result_lines(await job_logs(server, job_id))
 
 
 async def detections_per_image(server: ServerProcess, job_id: int) -> dict[str, int]:

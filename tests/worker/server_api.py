@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from tests.support.job_logs import totals_of_result_lines
 from tests.support.servers import RunningServer
 
 
@@ -74,17 +74,7 @@ async def registered_services(server: RunningServer) -> list[dict[str, Any]]:
     return list((await get(server, "/api/v2/pipelines/"))["processing_services"])
 
 
-_RESULT_LINE = re.compile(r"results from .*: (\d+) accepted, (\d+) duplicate, (\d+) rejected")
-
-
 async def result_totals(server: RunningServer, job_id: int) -> dict[str, int]:
     """Sums over the server's log line for each result POST it committed."""
-    totals = {"accepted": 0, "duplicate": 0, "rejected": 0, "posts": 0}
-    for line in (await get(server, f"/api/v2/jobs/{job_id}/logs/?limit=10000"))["logs"]:
-        m = _RESULT_LINE.search(line["message"])
-        if m:
-            totals["posts"] += 1
-            totals["accepted"] += int(m.group(1))
-            totals["duplicate"] += int(m.group(2))
-            totals["rejected"] += int(m.group(3))
-    return totals
+    logs = await get(server, f"/api/v2/jobs/{job_id}/logs/?limit=10000")
+    return totals_of_result_lines(logs["logs"])

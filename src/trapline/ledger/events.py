@@ -42,17 +42,7 @@ def record(
     log names every one (in lines of at most ``_MAX_IDS_IN_LINE``): a lost or failed
     image is always findable in the log by its id.
     """
-    stored = f"{message} {format_ids(image_ids)}" if image_ids else message
-    session.add(
-        JobEvent(
-            job_id=job_id,
-            image_id=image_id,
-            at=utcnow(),
-            level=logging.getLevelName(level),
-            message=stored,
-        )
-    )
-    _log(job_id, message, level, image_ids)
+    session.add(JobEvent(**_line(job_id, message, level, image_id, image_ids, utcnow())))
 
 
 class Journal:
@@ -80,15 +70,13 @@ class Journal:
         image_ids: Sequence[str] = (),
     ) -> None:
         """A job log line, with :func:`record`'s semantics."""
-        stored = f"{message} {format_ids(image_ids)}" if image_ids else message
-        self._rows.append(self._row(job_id, image_id, stored, level))
-        _log(job_id, message, level, image_ids)
+        self._rows.append(_line(job_id, message, level, image_id, image_ids, self.now))
 
     def history(
         self, job_id: int, lines: Iterable[tuple[str, str]], *, level: int = logging.INFO
     ) -> None:
         """History lines of single images (image id, message), without a job-level line."""
-        self._rows.extend(self._row(job_id, i, message, level) for i, message in lines)
+        self._rows.extend(_row(job_id, i, message, level, self.now) for i, message in lines)
 
     def images(
         self, job_id: int, image_ids: Sequence[str], message: str, *, level: int = logging.INFO
@@ -103,16 +91,31 @@ class Journal:
             rows, self._rows = self._rows, []
             await session.execute(insert(JOB_EVENTS), rows)
 
-    def _row(
-        self, job_id: int, image_id: str | None, message: str, level: int
-    ) -> dict[str, object]:
-        return {
-            "job_id": job_id,
-            "image_id": image_id,
-            "at": self.now,
-            "level": logging.getLevelName(level),
-            "message": message,
-        }
+
+def _row(
+    job_id: int, image_id: str | None, message: str, level: int, at: datetime
+) -> dict[str, object]:
+    return {
+        "job_id": job_id,
+        "image_id": image_id,
+        "at": at,
+        "level": logging.getLevelName(level),
+        "message": message,
+    }
+
+
+def _line(
+    job_id: int,
+    message: str,
+    level: int,
+    image_id: str | None,
+    image_ids: Sequence[str],
+    at: datetime,
+) -> dict[str, object]:
+    """A job log line's row (naming ``image_ids`` up to a limit), mirrored to the log."""
+    _log(job_id, message, level, image_ids)
+    stored = f"{message} {format_ids(image_ids)}" if image_ids else message
+    return _row(job_id, image_id, stored, level, at)
 
 
 def _log(job_id: int, message: str, level: int, image_ids: Sequence[str]) -> None:

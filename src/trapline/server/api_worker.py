@@ -11,6 +11,7 @@ import trapline
 from trapline.errors import InvalidRequest, NotFound
 from trapline.ledger.models import Job, JobStatus, PipelineRow, ProcessingService, utcnow
 from trapline.ledger.tokens import Principal
+from trapline.ledger.transitions import Holder
 from trapline.server import dispatch, ingest
 from trapline.server.auth import Caller, Ctx, check_project
 from trapline.server.context import AppContext
@@ -21,8 +22,8 @@ from trapline.server.views import job_view
 router = APIRouter(prefix="/api/v2", tags=["worker"])
 
 
-def holder_of(request: Request, caller: Principal) -> dispatch.Holder:
-    return dispatch.Holder(
+def holder_of(request: Request, caller: Principal) -> Holder:
+    return Holder(
         token_name=caller.name,
         worker_name=(request.headers.get("x-worker-name") or "")[:300] or None,
         worker_id=(request.headers.get("x-worker-id") or "")[:200] or None,

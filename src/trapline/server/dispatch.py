@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from trapline.errors import QueueError, ReceiptError
 from trapline.ledger import transitions
 from trapline.ledger.models import Job, JobStatus, utcnow
-from trapline.ledger.transitions import Holder as Holder
+from trapline.ledger.transitions import Holder
 from trapline.queue import Receipt, naming, parse_receipt
 from trapline.server.context import AppContext
 
