@@ -411,6 +411,7 @@ class Options:
     keep: bool
     py_spy: Path | None
     page_size: int | None = None
+    probe_for: float | None = None
 
 
 def bench_images(start: int, stop: int) -> list[dict[str, str]]:
@@ -560,9 +561,13 @@ def measure(c: Cluster, opts: Options, trapline: str, admin: str, worker: str) -
             latencies.append(dt)
             if first_task_s is None and view["counts"]["queued"] < n:
                 first_task_s = time.perf_counter() - t0
+                # Workers' memory once they are under way: the baseline of "flat".
+                m["worker_rss_first_mb"] = memory(c)["worker_rss_mb"]
             if view["status"] in FINAL:
                 break
             now = time.perf_counter()
+            if opts.probe_for is not None and now - t0 > opts.probe_for:
+                return probed_window(c, client, m, opts, job["id"], latencies, cpu0, now - t0)
             if now - t0 > opts.timeout:
                 raise BenchError(f"job not finished after {opts.timeout:.0f} s: {view['counts']}")
             c.server.check_alive()
@@ -616,6 +621,45 @@ def measure(c: Cluster, opts: Options, trapline: str, admin: str, worker: str) -
         return m
 
 
+def probed_window(
+    c: Cluster,
+    client: httpx.Client,
+    m: Metrics,
+    opts: Options,
+    job_id: int,
+    latencies: list[float],
+    cpu0: CpuSnapshot,
+    elapsed: float,
+) -> Metrics:
+    """``--probe-for``: what the window showed of a job still running (status reads,
+    images processed, server CPU per processed image); the job is then cancelled."""
+    cpu1 = CpuSnapshot.take(c)
+    c.stop_profiler()
+    view, _ = get_json(client, f"/api/v2/jobs/{job_id}/")
+    counts = view["counts"]
+    processed = counts["done"] + counts["failed"]
+    m.update(memory(c))
+    m["partial"] = True
+    m["e2e_s"] = elapsed
+    m["processed"] = processed
+    m["e2e_img_s"] = processed / elapsed
+    if m.get("raw_fetch_ack_msg_s"):
+        m["ratio_pct"] = 100 * m["e2e_img_s"] / m["raw_fetch_ack_msg_s"]
+    m["server_cpu_ms_img"] = 1000 * (cpu1.server - cpu0.server) / max(1, processed)
+    m["workers_cpu_ms_img"] = 1000 * (cpu1.workers - cpu0.workers) / max(1, processed)
+    m["status_reads"] = len(latencies)
+    for q in (50, 95, 99):
+        m[f"status_p{q}_ms"] = 1000 * (percentile(latencies, q) or 0)
+    m["status_max_ms"] = 1000 * max(latencies)
+    r = client.post(f"/api/v2/jobs/{job_id}/cancel/")
+    m["worker_exit_codes"] = c.stop_workers()
+    m["final_status"] = r.json().get("status") if r.status_code == 200 else r.status_code
+    m["counts"] = counts
+    at_rest = sum(counts[k] for k in ("queued", "reserved", "done", "failed"))
+    m["ok"] = at_rest == counts["total"] == opts.images and processed > 0
+    return m
+
+
 # -- reporting --------------------------------------------------------------------
 
 
@@ -648,10 +692,12 @@ def report(m: Metrics, opts: Options) -> None:
             f" jobs list p50 {fmt(m.get('idle_jobs_list_p50_ms'), 1)} ms"
         )
     else:
-        say(
-            f"  end to end      {fmt(m.get('e2e_img_s'))} img/s ({fmt(m.get('e2e_s'), 2)} s"
-            " create request → final status)"
+        window = (
+            f"the first {fmt(m.get('e2e_s'), 1)} s: {fmt(m.get('processed'))} images, then cancelled"
+            if m.get("partial")
+            else f"{fmt(m.get('e2e_s'), 2)} s create request → final status"
         )
+        say(f"  end to end      {fmt(m.get('e2e_img_s'))} img/s ({window})")
         say(
             f"  raw fetch+ACK   {fmt(m.get('raw_fetch_ack_msg_s'))} msg/s"
             f"   ratio {fmt(m.get('ratio_pct'), 2)} %"
@@ -681,7 +727,8 @@ def report(m: Metrics, opts: Options) -> None:
         )
     say(
         f"  RSS MB          server {fmt(m.get('server_rss_mb'))} (peak {fmt(m.get('server_peak_mb'))}),"
-        f" worker max {fmt(m.get('worker_rss_mb'))} (peak {fmt(m.get('worker_peak_mb'))}),"
+        f" worker max {fmt(m.get('worker_rss_mb'))} (peak {fmt(m.get('worker_peak_mb'))};"
+        f" {fmt(m.get('worker_rss_first_mb'))} when the first task left the queue),"
         f" nats-server {fmt(m.get('nats_rss_mb'))} (peak {fmt(m.get('nats_peak_mb'))})"
     )
     for refusal in m.get("registration_refused", []):
@@ -745,9 +792,18 @@ def main() -> int:
         "--page-size",
         type=int,
         default=None,
-        help="with --create-only: create the job unstarted, append its images in pages of"
-        " this many (POST /api/v2/jobs/{id}/images/), then start it; the clock covers all"
+        help="create the job unstarted, append its images in pages of this many"
+        " (POST /api/v2/jobs/{id}/images/), then start it; the clock covers all"
         " (default: one request)",
+    )
+    parser.add_argument(
+        "--probe-for",
+        type=float,
+        default=None,
+        metavar="S",
+        help="measure only the first S seconds after the create request (status reads,"
+        " images processed, CPU per processed image), then cancel the job: for jobs too big"
+        " to finish, e.g. reads while a 1,000,000-image job runs",
     )
     parser.add_argument(
         "--probe-interval", type=float, default=0.1, help="status read every … s (0.1)"
@@ -795,6 +851,7 @@ def main() -> int:
         keep=args.keep,
         py_spy=args.py_spy,
         page_size=args.page_size,
+        probe_for=args.probe_for,
     )
     database = "postgresql" if opts.database_url else "sqlite"
     what = (

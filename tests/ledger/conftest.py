@@ -6,14 +6,19 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.support.ledger import Ledger
+from tests.support.ledger import Ledger, counts_by_scan, counts_kept, every_job
 from trapline.ledger.db import create_engine, open_database, session_factory
 
 
 @pytest.fixture
 async def ledger(database_url: str) -> AsyncIterator[Ledger]:
+    """The ledger; after the test, every job's kept counts must match its rows: each
+    transition a test drives also checks the triggers that count it."""
     async with open_database(database_url) as (engine, sessions):
-        yield Ledger(engine, sessions)
+        ledger = Ledger(engine, sessions)
+        yield ledger
+        for job_id in await every_job(ledger):
+            assert await counts_kept(ledger, job_id) == await counts_by_scan(ledger, job_id)
 
 
 @pytest.fixture

@@ -108,3 +108,39 @@ async def test_concurrent_writers_in_one_process_queue_for_each_other_not_for_th
     finally:
         await engine.dispose()
     assert written == WRITERS * ROWS_PER_WRITER
+
+
+async def test_a_writer_waits_for_another_processs_write_lock_without_stopping_the_server(
+    sqlite_file: Path,
+) -> None:
+    """SQLite runs on the event loop: a BEGIN that finds the file locked by another
+    process must wait in asyncio, not in SQLite's busy handler with everything stopped."""
+    engine = create_engine(f"sqlite+aiosqlite:///{sqlite_file}")
+    sessions = session_factory(engine)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    async def write() -> None:
+        async with sessions() as session, session.begin():
+            session.add(Project(id=7, name="after the lock"))
+
+    clock = asyncio.create_task(ticker())
+    try:
+        async with write_lock_held_by_another_process(sqlite_file):
+            writing = asyncio.create_task(write())
+            await asyncio.sleep(0.5)
+            waited_ticks, written_early = ticks, writing.done()
+        await asyncio.wait_for(writing, 10)
+        async with sessions() as session:
+            name = await session.scalar(select(Project.name).where(Project.id == 7))
+    finally:
+        clock.cancel()
+        await engine.dispose()
+    assert not written_early  # it did wait for the other process
+    assert waited_ticks >= 20  # and the loop ran meanwhile (50 ticks if never stalled)
+    assert name == "after the lock"

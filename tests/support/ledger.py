@@ -14,7 +14,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from tests.support.polling import until
 from trapline.ledger import transitions
-from trapline.ledger.models import ImageState, Job, JobEvent, JobImage, JobStatus, utcnow
+from trapline.ledger.models import (
+    Detection,
+    ImageState,
+    Job,
+    JobEvent,
+    JobImage,
+    JobStatus,
+    utcnow,
+)
+from trapline.ledger.queries import job_counts
 from trapline.ledger.transitions import Holder, Offer, Result
 
 GPU = Holder("worker-token", "gpu-box", "w1")
@@ -217,3 +226,30 @@ async def race(
 
         await until(blocked_or_done, "the second caller to wait for the first", 20)
     return a, await task
+
+
+async def counts_by_scan(ledger: Ledger, job_id: int) -> dict[str, int]:
+    """A job's counts the slow way, from its image and detection rows."""
+    async with ledger.sessions() as s:
+        rows = await s.execute(
+            select(JobImage.state, func.count())
+            .where(JobImage.job_id == job_id)
+            .group_by(JobImage.state)
+        )
+        counts = dict.fromkeys(ImageState, 0) | {state: int(n) for state, n in rows.all()}
+        detections = await s.scalar(
+            select(func.count()).select_from(Detection).where(Detection.job_id == job_id)
+        )
+    return {**counts, "detections": int(detections or 0)}
+
+
+async def counts_kept(ledger: Ledger, job_id: int) -> dict[str, int]:
+    """A job's counts as the server reads them (kept by the database's triggers)."""
+    async with ledger.sessions() as s:
+        counts = await job_counts(s, job_id)
+    return {**{s: getattr(counts, s) for s in ImageState}, "detections": counts.detections}
+
+
+async def every_job(ledger: Ledger) -> list[int]:
+    async with ledger.sessions() as s:
+        return list((await s.scalars(select(Job.id).order_by(Job.id))).all())

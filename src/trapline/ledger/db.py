@@ -18,6 +18,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from trapline.ledger import inline_sqlite
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -30,8 +32,16 @@ def is_sqlite(engine: AsyncEngine) -> bool:
 
 
 # How long a writer waits for the write lock, whichever way it queues: in asyncio for
-# this process's one write connection, in SQLite's busy handler for other processes.
+# this process's one write connection, and in asyncio too (inline_sqlite retries its
+# BEGIN) while another process holds the file's.
 WRITE_WAIT_S = 30
+
+
+def _sqlite_connect_args() -> dict[str, Any]:
+    return {
+        "timeout": inline_sqlite.BUSY_TIMEOUT_MS / 1000,
+        "async_creator_fn": inline_sqlite.connector(WRITE_WAIT_S),
+    }
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -49,7 +59,7 @@ def create_engine(url: str) -> AsyncEngine:
         if not _in_memory(path):
             Path(str(path)).parent.mkdir(parents=True, exist_ok=True)
             one_connection = {"pool_size": 1, "max_overflow": 0, "pool_timeout": WRITE_WAIT_S}
-        engine = create_async_engine(url, connect_args={"timeout": WRITE_WAIT_S}, **one_connection)
+        engine = create_async_engine(url, connect_args=_sqlite_connect_args(), **one_connection)
         _sqlite_connections(engine, pragmas=["journal_mode=WAL", "synchronous=NORMAL"])
 
         # aiosqlite opens transactions lazily; BEGIN IMMEDIATE takes the write lock up
@@ -70,7 +80,11 @@ def _sqlite_connections(engine: AsyncEngine, pragmas: list[str]) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
-        for pragma in [*pragmas, f"busy_timeout={WRITE_WAIT_S * 1000}", "foreign_keys=ON"]:
+        for pragma in [
+            *pragmas,
+            f"busy_timeout={inline_sqlite.BUSY_TIMEOUT_MS}",
+            "foreign_keys=ON",
+        ]:
             cur.execute(f"PRAGMA {pragma}")
         cur.close()
         # Transactions are begun by the "begin" listeners, not by the driver.
@@ -89,7 +103,7 @@ def create_read_engine(engine: AsyncEngine) -> AsyncEngine:
         return engine.execution_options(postgresql_readonly=True)
     if _in_memory(engine.url.database):
         return engine
-    reader = create_async_engine(engine.url, connect_args={"timeout": WRITE_WAIT_S})
+    reader = create_async_engine(engine.url, connect_args=_sqlite_connect_args())
     _sqlite_connections(reader, pragmas=["query_only=ON"])
 
     @event.listens_for(reader.sync_engine, "begin")

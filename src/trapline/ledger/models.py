@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -75,6 +76,11 @@ class ImageState(enum.StrEnum):
 
 ImageState.OPEN = (ImageState.QUEUED, ImageState.RESERVED)
 ImageState.SETTLED = (ImageState.DONE, ImageState.FAILED)
+
+
+# Job log lines that are alerts: job-level (no image) warnings and worse.
+ALERT_LEVELS = ("WARNING", "ERROR", "CRITICAL")
+ALERTS_WHERE = "image_id IS NULL AND level IN ('WARNING', 'ERROR', 'CRITICAL')"
 
 
 class Role(enum.StrEnum):
@@ -174,6 +180,28 @@ class JobImage(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class JobCount(Base):
+    """How many images of a job are in each state (and how many detections it has),
+    kept by database triggers on every change, so reading a job's counts costs the
+    same at ten images as at ten million (see migration 0003).
+
+    On SQLite one row per (job, name) is updated in place; on PostgreSQL each statement
+    adds a row of deltas, so concurrent transactions never queue on a counter row, and
+    the reconciler folds them (:func:`trapline.ledger.transitions.compact_counts`). A
+    job's count of a name is always the sum of its rows.
+    """
+
+    __tablename__ = "job_counts"
+    __table_args__ = (Index("ix_job_counts_job_name", "job_id", "name"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(16))  # an ImageState, or "detections"
+    n: Mapped[int] = mapped_column(BigInteger)
+    # When an image of the job last changed state (for "waiting for a worker since").
+    changed_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
 class Detection(Base):
     __tablename__ = "detections"
     __table_args__ = (
@@ -214,7 +242,17 @@ class JobEvent(Base):
     """A job log line; ``image_id`` set when the line concerns one image (its history)."""
 
     __tablename__ = "job_events"
-    __table_args__ = (Index("ix_job_events_job_image", "job_id", "image_id"),)
+    __table_args__ = (
+        Index("ix_job_events_job_image", "job_id", "image_id"),
+        # The job's latest warnings and errors, newest first, without reading its history.
+        Index(
+            "ix_job_events_job_alerts",
+            "job_id",
+            "id",
+            sqlite_where=text(ALERTS_WHERE),
+            postgresql_where=text(ALERTS_WHERE),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from trapline.errors import NotFound
-from trapline.ledger.models import Detection, ImageState, JobImage
+from trapline.ledger.models import Detection, ImageState, JobCount, JobImage
 
 
 @dataclass
@@ -21,24 +22,35 @@ class Counts:
     reserved: int = 0
     done: int = 0
     failed: int = 0
+    detections: int = field(default=0, compare=False)
+    # When an image last changed state (None before the first change).
+    changed_at: datetime | None = field(default=None, compare=False)
 
     @property
     def remaining(self) -> int:
         return self.queued + self.reserved
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k in _STATE_KEYS}
+
+
+_STATES = frozenset(s.value for s in ImageState)
+_STATE_KEYS = ("total", *_STATES)
 
 
 async def job_counts(session: AsyncSession, job_id: int) -> Counts:
+    """The job's counts as the triggers keep them (``job_counts``): a few rows per job,
+    however many images it has."""
     rows = await session.execute(
-        select(JobImage.state, func.count())
-        .where(JobImage.job_id == job_id)
-        .group_by(JobImage.state)
+        select(JobCount.name, func.sum(JobCount.n), func.max(JobCount.changed_at))
+        .where(JobCount.job_id == job_id)
+        .group_by(JobCount.name)
     )
     counts = Counts()
-    for state, n in rows.all():
-        setattr(counts, ImageState(state).value, int(n))
+    for name, n, changed_at in rows.all():
+        setattr(counts, name, int(n or 0))
+        if name in _STATES and changed_at is not None:
+            counts.changed_at = max(filter(None, [counts.changed_at, changed_at]))
     counts.total = counts.queued + counts.reserved + counts.done + counts.failed
     return counts
 

@@ -19,6 +19,7 @@ from sqlalchemy import exists, select
 
 from trapline.errors import QueueError, TraplineError
 from trapline.ledger import transitions
+from trapline.ledger.db import is_sqlite
 from trapline.ledger.models import ImageState, Job, JobImage, JobStatus, utcnow
 from trapline.server import dispatch, lifecycle
 from trapline.server.context import AppContext
@@ -92,6 +93,9 @@ class Reconciler:
         await self.expire_leases()
         await self.apply_deadlines()
         await self.finalize_complete()
+        if not is_sqlite(self.ctx.engine):  # SQLite's counts never need folding
+            async with self.ctx.sessions() as session, session.begin():
+                await transitions.compact_counts(session)
         if self._queue_check_due() and self.ctx.queue.connected:
             self._queue_checked_at = asyncio.get_running_loop().time()
             await self.repair_queues()

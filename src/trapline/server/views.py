@@ -5,10 +5,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from trapline.ledger.models import Detection, Job, JobEvent, JobImage, JobStatus, utcnow
+from trapline.ledger.models import (
+    ALERTS_WHERE,
+    Detection,
+    Job,
+    JobEvent,
+    JobImage,
+    JobStatus,
+    utcnow,
+)
 from trapline.ledger.queries import Counts, job_counts
 
 
@@ -39,10 +47,9 @@ async def waiting_reason(
     to report, never a reason to fail the job."""
     if job.status != JobStatus.STARTED or counts.reserved or not counts.queued:
         return None
-    last = await session.scalar(
-        select(func.max(JobImage.updated_at)).where(JobImage.job_id == job.id)
+    since = max(
+        filter(None, [counts.changed_at, job.queued_at, job.started_at]), default=job.created_at
     )
-    since = max(filter(None, [last, job.queued_at, job.started_at]), default=job.created_at)
     if (utcnow() - since).total_seconds() < waiting_after_s:
         return None
     return f"waiting for a worker for pipeline {job.pipeline_slug!r} since {_iso(since)}"
@@ -50,12 +57,7 @@ async def waiting_reason(
 
 async def job_view(session: AsyncSession, job: Job, *, waiting_after_s: float) -> dict[str, Any]:
     counts = await job_counts(session, job.id)
-    detections = int(
-        await session.scalar(
-            select(func.count()).select_from(Detection).where(Detection.job_id == job.id)
-        )
-        or 0
-    )
+    detections = counts.detections
     status = JobStatus(job.status)
     total = counts.total or 1
     processed = counts.done + counts.failed
@@ -91,11 +93,8 @@ async def job_view(session: AsyncSession, job: Job, *, waiting_after_s: float) -
     errors = (
         await session.scalars(
             select(JobEvent.message)
-            .where(
-                JobEvent.job_id == job.id,
-                JobEvent.level.in_(["WARNING", "ERROR", "CRITICAL"]),
-                JobEvent.image_id.is_(None),
-            )
+            # The partial index's own condition, word for word, so the planner uses it.
+            .where(JobEvent.job_id == job.id, text(ALERTS_WHERE))
             .order_by(JobEvent.id.desc())
             .limit(10)
         )

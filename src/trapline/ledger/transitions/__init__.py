@@ -15,6 +15,7 @@ on the queue (ledger first, queue second) and counts from the returned outcome.
 from trapline.ledger.transitions.common import Holder, holder_label
 from trapline.ledger.transitions.jobs import (
     Finalized,
+    compact_counts,
     conclude,
     fail_open,
     final_status,
@@ -47,6 +48,7 @@ __all__ = [
     "Offer",
     "Recorded",
     "Result",
+    "compact_counts",
     "conclude",
     "expire_leases",
     "extend",

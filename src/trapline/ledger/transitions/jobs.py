@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from trapline.ledger.events import Journal
@@ -151,6 +151,34 @@ async def fail_open(
         journal.images(job_id, failed, f"failed: {reason}:", level=level)
         await journal.write(session)
     return list(failed)
+
+
+# Delta rows a job may gather before the reconciler folds them into one per name.
+_COMPACT_AFTER_ROWS = 64
+
+_COMPACT = text(
+    """
+    WITH busy AS (
+        SELECT job_id FROM job_counts GROUP BY job_id HAVING count(*) > :after
+    ), folded AS (
+        DELETE FROM job_counts c USING busy WHERE c.job_id = busy.job_id
+        RETURNING c.job_id, c.name, c.n, c.changed_at
+    )
+    INSERT INTO job_counts (job_id, name, n, changed_at)
+    SELECT job_id, name, sum(n), max(changed_at) FROM folded GROUP BY job_id, name
+    """
+)
+
+
+async def compact_counts(session: AsyncSession) -> None:
+    """Fold each busy job's count deltas into one row per name (PostgreSQL only: SQLite
+    keeps one row per name to begin with).
+
+    One statement: the DELETE takes the rows its snapshot sees and the INSERT puts back
+    their sums, so deltas committed meanwhile stay as they are, and two replicas
+    folding at once each put back only what they took.
+    """
+    await session.execute(_COMPACT, {"after": _COMPACT_AFTER_ROWS})
 
 
 async def revoke(session: AsyncSession, job_id: int, *, now: datetime) -> int | None:
