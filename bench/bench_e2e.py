@@ -366,6 +366,8 @@ class CpuSnapshot:
     server: float
     workers: float
     nats: float
+    # Every PostgreSQL process by pid (the machine's, not only this run's: run alone).
+    postgres: dict[int, float] = field(default_factory=dict)
 
     @staticmethod
     def take(c: Cluster) -> CpuSnapshot:
@@ -374,7 +376,11 @@ class CpuSnapshot:
             server=procstat.cpu_s(c.server.pid),
             workers=sum(procstat.tree_cpu_s(w.pid) for w in c.workers),
             nats=procstat.cpu_s(c.nats_pid) if c.nats_pid else 0.0,
+            postgres=procstat.named_cpu_s("postgres"),
         )
+
+    def postgres_since(self, before: CpuSnapshot) -> float:
+        return procstat.named_cpu_delta_s(before.postgres, self.postgres)
 
 
 def memory(c: Cluster) -> Metrics:
@@ -542,6 +548,8 @@ def measure(c: Cluster, opts: Options, trapline: str, admin: str, worker: str) -
         m["create_nats_cpu_ms_img"] = (
             1000 * (cpu_created.nats - cpu0.nats) / n if c.nats_pid else None
         )
+        if opts.database_url:
+            m["create_postgres_cpu_ms_img"] = 1000 * cpu_created.postgres_since(cpu0) / n
         if opts.create_only:
             c.stop_profiler()
             view, _ = get_json(client, f"/api/v2/jobs/{job['id']}/")
@@ -589,6 +597,8 @@ def measure(c: Cluster, opts: Options, trapline: str, admin: str, worker: str) -
         m["server_cpu_ms_img"] = 1000 * server_s / n
         m["workers_cpu_ms_img"] = 1000 * workers_s / n
         m["nats_cpu_ms_img"] = 1000 * nats_s / n if c.nats_pid else None
+        if opts.database_url:
+            m["postgres_cpu_ms_img"] = 1000 * cpu1.postgres_since(cpu0) / n
         total = server_s + workers_s + nats_s
         m["server_share_pct"] = 100 * server_s / total if total else None
         m["server_cpu_util_pct"] = 100 * server_s / elapsed
@@ -647,6 +657,8 @@ def probed_window(
         m["ratio_pct"] = 100 * m["e2e_img_s"] / m["raw_fetch_ack_msg_s"]
     m["server_cpu_ms_img"] = 1000 * (cpu1.server - cpu0.server) / max(1, processed)
     m["workers_cpu_ms_img"] = 1000 * (cpu1.workers - cpu0.workers) / max(1, processed)
+    if opts.database_url:
+        m["postgres_cpu_ms_img"] = 1000 * cpu1.postgres_since(cpu0) / max(1, processed)
     m["status_reads"] = len(latencies)
     for q in (50, 95, 99):
         m[f"status_p{q}_ms"] = 1000 * (percentile(latencies, q) or 0)
@@ -680,7 +692,8 @@ def report(m: Metrics, opts: Options) -> None:
         )
         say(
             f"  server CPU      {fmt(m.get('create_server_cpu_ms_img'), 3)} ms/img (creation);"
-            f" nats {fmt(m.get('create_nats_cpu_ms_img'), 3)} ms/img"
+            f" nats {fmt(m.get('create_nats_cpu_ms_img'), 3)} ms/img,"
+            f" postgres {fmt(m.get('create_postgres_cpu_ms_img'), 3)} ms/img"
         )
         if opts.page_size:
             say(
@@ -711,7 +724,8 @@ def report(m: Metrics, opts: Options) -> None:
         say(
             f"  CPU per image   server {fmt(m.get('server_cpu_ms_img'), 3)} ms,"
             f" workers {fmt(m.get('workers_cpu_ms_img'), 3)} ms,"
-            f" nats-server {fmt(m.get('nats_cpu_ms_img'), 3)} ms;"
+            f" nats-server {fmt(m.get('nats_cpu_ms_img'), 3)} ms,"
+            f" postgres {fmt(m.get('postgres_cpu_ms_img'), 3)} ms;"
             f" server = {fmt(m.get('server_share_pct'))} % of the three,"
             f" {fmt(m.get('server_cpu_util_pct'))} % of a core"
         )
@@ -833,8 +847,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.images < 1 or args.workers < 1 or args.batch_size < 1 or args.runs < 1:
         parser.error("--images, --workers, --batch-size and --runs must be at least 1")
-    if args.page_size is not None and (args.page_size < 1 or not args.create_only):
-        parser.error("--page-size needs --create-only and must be at least 1")
+    if args.page_size is not None and args.page_size < 1:
+        parser.error("--page-size must be at least 1")
+    if args.probe_for is not None and (args.probe_for <= 0 or args.create_only):
+        parser.error("--probe-for needs a run with workers (no --create-only) and S > 0")
     if args.json == "-":
         OUT = sys.stderr
     opts = Options(
@@ -885,7 +901,8 @@ def main() -> int:
             f"raw publish {fmt(med.get('raw_publish_msg_s'))} msg/s; creation"
             f" {fmt(med.get('create_img_s'))} img/s = {fmt(med.get('create_vs_publish_pct'), 1)} %;"
             f" workers {fmt(med.get('workers_cpu_ms_img'), 3)} ms/img,"
-            f" nats-server {fmt(med.get('nats_cpu_ms_img'), 3)} ms/img;"
+            f" nats-server {fmt(med.get('nats_cpu_ms_img'), 3)} ms/img,"
+            f" postgres {fmt(med.get('postgres_cpu_ms_img'), 3)} ms/img;"
             f" status GET p99 {fmt(med.get('status_p99_ms'), 1)} ms"
         )
     say("invariants hold in every run" if med["ok"] else "INVARIANTS VIOLATED")

@@ -106,3 +106,21 @@ def tree_memory_kb(pid: int) -> tuple[int, int]:
         rss += r
         hwm += h
     return rss, hwm
+
+
+def named_cpu_s(comm: str) -> dict[int, float]:
+    """CPU seconds of every live process called ``comm`` (e.g. each PostgreSQL backend),
+    by pid: compare two readings pid by pid, a process new in the second counting whole."""
+    out: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            s = stat(int(entry.name))
+            if s is not None and s.comm == comm:
+                out[s.pid] = s.cpu_s
+    return out
+
+
+def named_cpu_delta_s(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU the processes of two :func:`named_cpu_s` readings used in between (processes
+    that exited meanwhile are not seen)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())

@@ -69,7 +69,12 @@ def create_engine(url: str) -> AsyncEngine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    engine = create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # A list of rows goes as multi-row INSERTs (1,000 rows each), as psycopg2's dialect
+    # does, instead of asyncpg's executemany: one statement per row, which also fires the
+    # statement-level counting triggers once per row (migration 0003) — 2-3x the time.
+    engine.dialect.use_insertmanyvalues_wo_returning = True
+    return engine
 
 
 def _in_memory(database: str | None) -> bool:

@@ -26,6 +26,7 @@ from trapline.ledger.models import (
     utcnow,
 )
 from trapline.ledger.queries import image_detections, image_row
+from trapline.ledger.tokens import Principal
 from trapline.server import creation, files, lifecycle
 from trapline.server.api_worker import load_job
 from trapline.server.auth import Admin, Caller, Ctx, check_project
@@ -36,11 +37,14 @@ from trapline.server.views import detection_view, event_view, image_view, job_vi
 router = APIRouter(prefix="/api/v2", tags=["jobs"])
 
 
-async def _view(ctx: Ctx, job_id: int) -> dict[str, Any]:
+async def _view(ctx: Ctx, job_id: int, caller: Principal | None = None) -> dict[str, Any]:
+    """The job's view; with ``caller``, only if the job is in a project the caller may see."""
     async with ctx.reads() as session:
         job = await session.get(Job, job_id)
         if job is None:
             raise NotFound(f"job {job_id} not found")
+        if caller is not None:
+            check_project(caller, job.project_id)
         return await job_view(session, job, waiting_after_s=ctx.settings.waiting_after_s)
 
 
@@ -76,8 +80,7 @@ async def create_job(body: JobCreateIn, ctx: Ctx, caller: Admin) -> dict[str, An
 
 @router.get("/jobs/{job_id}/")
 async def get_job(job_id: int, ctx: Ctx, caller: Caller) -> dict[str, Any]:
-    await load_job(ctx, caller, job_id)
-    return await _view(ctx, job_id)
+    return await _view(ctx, job_id, caller)  # one read: the job page is polled all night
 
 
 @router.post("/jobs/{job_id}/images/")

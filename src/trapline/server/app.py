@@ -101,9 +101,11 @@ def create_app(settings: ServerSettings | None = None) -> ASGIApp:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # First: a folder job's image downloads are most of its requests, and routes are
+    # matched in order.
+    app.include_router(api_jobs.files_router)
     app.include_router(api_worker.router)
     app.include_router(api_jobs.router)
-    app.include_router(api_jobs.files_router)
     app.include_router(dashboard.router)
 
     @app.get("/healthz", tags=["ops"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from trapline.ledger.models import (
@@ -90,15 +90,7 @@ async def job_view(session: AsyncSession, job: Job, *, waiting_after_s: float) -
             {"captures": counts.done, "detections": detections, "failed": counts.failed},
         ),
     ]
-    errors = (
-        await session.scalars(
-            select(JobEvent.message)
-            # The partial index's own condition, word for word, so the planner uses it.
-            .where(JobEvent.job_id == job.id, text(ALERTS_WHERE))
-            .order_by(JobEvent.id.desc())
-            .limit(10)
-        )
-    ).all()
+    errors = (await session.scalars(_latest_alerts(session), {"job_id": job.id})).all()
     waiting = await waiting_reason(session, job, counts, waiting_after_s=waiting_after_s)
     return {
         "id": job.id,
@@ -121,6 +113,19 @@ async def job_view(session: AsyncSession, job: Job, *, waiting_after_s: float) -
         "detections": detections,
         "waiting": waiting,
     }
+
+
+def _latest_alerts(session: AsyncSession) -> TextClause:
+    """The job's last 10 alerts, newest first, read from their partial index (whose own
+    condition the query repeats word for word, so the planner may use it). SQLite is
+    told to: for ``image_id IS NULL`` it would rather walk the (job, image) index, through
+    every job-level line of the job."""
+    sqlite = session.get_bind().dialect.name == "sqlite"
+    hint = "INDEXED BY ix_job_events_job_alerts" if sqlite else ""
+    return text(
+        f"SELECT message FROM job_events {hint} WHERE job_id = :job_id AND {ALERTS_WHERE}"
+        " ORDER BY id DESC LIMIT 10"
+    )
 
 
 def image_view(row: JobImage) -> dict[str, Any]:
