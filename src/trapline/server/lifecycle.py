@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from trapline.errors import Conflict, NotFound, QueueError
 from trapline.ledger import events, transitions
+from trapline.ledger.db import refresh_statistics
 from trapline.ledger.models import ImageState, Job, JobImage, JobStatus, utcnow
 from trapline.ledger.queries import job_counts
 from trapline.server.context import AppContext
@@ -97,6 +98,7 @@ async def queue_job(
     start a job, retry it, and repair a queue lost with the NATS store.
     """
     gen, old_gen = await _new_generation(ctx, job_id, first_start=first_start)
+    await refresh_statistics(ctx.engine)
     states = [*ImageState.OPEN, *([ImageState.FAILED] if include_failed else [])]
     await ctx.queue.create_job_queue(job_id, gen)
     queued = 0
