@@ -79,7 +79,6 @@ ImageState.SETTLED = (ImageState.DONE, ImageState.FAILED)
 
 
 # Job log lines that are alerts: job-level (no image) warnings and worse.
-ALERT_LEVELS = ("WARNING", "ERROR", "CRITICAL")
 ALERTS_WHERE = "image_id IS NULL AND level IN ('WARNING', 'ERROR', 'CRITICAL')"
 
 

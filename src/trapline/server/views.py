@@ -39,9 +39,7 @@ def _stage(
     }
 
 
-async def waiting_reason(
-    session: AsyncSession, job: Job, counts: Counts, *, waiting_after_s: float
-) -> str | None:
+def waiting_reason(job: Job, counts: Counts, *, waiting_after_s: float) -> str | None:
     """Why a running job makes no progress, if it is simply waiting for a worker: queued
     images, none reserved, and nothing changed for ``waiting_after_s``. Waiting is a state
     to report, never a reason to fail the job."""
@@ -91,7 +89,7 @@ async def job_view(session: AsyncSession, job: Job, *, waiting_after_s: float) -
         ),
     ]
     errors = (await session.scalars(_latest_alerts(session), {"job_id": job.id})).all()
-    waiting = await waiting_reason(session, job, counts, waiting_after_s=waiting_after_s)
+    waiting = waiting_reason(job, counts, waiting_after_s=waiting_after_s)
     return {
         "id": job.id,
         "name": job.name,
