@@ -86,7 +86,7 @@ from typing import Any, TextIO
 
 import httpx
 import procstat
-from bench_e2e import BenchError, Cluster, free_port, fresh_database, last_line, tail, trapline_bin
+from bench_e2e import BenchError, Cluster, Site, free_port, on_fresh_site, tail, trapline_bin
 from bench_image_serving import make_images, wait_listening
 
 Metrics = dict[str, Any]
@@ -378,57 +378,31 @@ class Options:
 
 
 def one_run(opts: Options, run: int, trapline: str, folder: Path, n: int) -> Metrics:
-    data_dir = Path(tempfile.mkdtemp(prefix="trapline-bench-adc-"))
-    keep = opts.keep
-    m: Metrics = {"ok": False, "by_workers": {}}
-    try:
-        with fresh_database(opts.database_url, data_dir) as db_url:
-            env = dict(os.environ, TRAPLINE_DATA_DIR=str(data_dir), TRAPLINE_DATABASE_URL=db_url)
-            env.pop("TRAPLINE_LOG_LEVEL", None)
-            admin = last_line([trapline, "token", "create", "--name", "a", "--role", "admin"], env)
-            worker = last_line(
-                [
-                    trapline,
-                    "token",
-                    "create",
-                    "--name",
-                    "adc",
-                    "--role",
-                    "worker",
-                    "--project",
-                    "1",
-                ],
-                env,
-            )
-            cluster = Cluster(data_dir, env)
-            mocks: list[Mock] = []
-            try:
-                cluster.start_server(trapline, None)
-                jobs = len(opts.loader_workers)
-                mocks.append(start_mock("mock", 0, opts.adc_python, folder, jobs, data_dir))
-                if opts.mock_backlog:
-                    mocks.append(
-                        start_mock(
-                            "mockb", opts.mock_backlog, opts.adc_python, folder, jobs, data_dir
-                        )
+    def on(site: Site) -> Metrics:
+        mocks: list[Mock] = []
+        try:
+            site.cluster.start_server(trapline, None)
+            jobs = len(opts.loader_workers)
+            mocks.append(start_mock("mock", 0, opts.adc_python, folder, jobs, site.data_dir))
+            if opts.mock_backlog:
+                mocks.append(
+                    start_mock(
+                        "mockb", opts.mock_backlog, opts.adc_python, folder, jobs, site.data_dir
                     )
-                m = measure(opts, run, cluster, mocks, folder, n, admin, worker)
-            except BaseException:
-                keep = True  # the logs say what went wrong
-                raise
-            finally:
-                for mock in mocks:
-                    mock.stop()
-                problems = cluster.shutdown()
-                if problems:
-                    m["ok"] = False
-                    m["shutdown_problems"] = problems
-    finally:
-        if keep:
-            say(f"  kept {data_dir} (logs, database)")
-        else:
-            shutil.rmtree(data_dir, ignore_errors=True)
-    return m
+                )
+            return measure(opts, run, site.cluster, mocks, folder, n, site.admin, site.worker)
+        finally:
+            for mock in mocks:
+                mock.stop()
+
+    return on_fresh_site(
+        trapline,
+        opts.database_url,
+        on,
+        keep=opts.keep,
+        prefix="trapline-bench-adc-",
+        worker_project=1,
+    )
 
 
 def record(w: Metrics, prefix: str, r: AdcResult, n: int, problems: list[str]) -> None:

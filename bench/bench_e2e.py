@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -475,39 +475,70 @@ def counts_ok(counts: dict[str, int], n: int, finished: bool) -> bool:
     return counts["queued"] == n and counts["reserved"] == counts["done"] == counts["failed"] == 0
 
 
-def one_run(opts: Options, trapline: str) -> Metrics:
-    data_dir = Path(tempfile.mkdtemp(prefix="trapline-bench-"))
+@dataclass(frozen=True)
+class Site:
+    """A run's own ledger and processes: a temporary data dir, a fresh database, a
+    cluster to start processes in, and an admin and a worker token."""
+
+    data_dir: Path
+    cluster: Cluster
+    admin: str
+    worker: str
+
+
+def on_fresh_site(
+    trapline: str,
+    database_url: str | None,
+    measure: Callable[[Site], Metrics],
+    *,
+    keep: bool,
+    prefix: str = "trapline-bench-",
+    env: Mapping[str, str] | None = None,
+    worker_project: int | None = None,
+) -> Metrics:
+    """``measure`` on a site of its own, then its processes shut down: a run whose
+    shutdown left problems is not ok. The data dir goes afterwards, unless ``keep`` or
+    the run failed (its logs say why)."""
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
     m: Metrics = {}
-    keep = opts.keep
     try:
-        with fresh_database(opts.database_url, data_dir) as db_url:
-            env = dict(os.environ, TRAPLINE_DATA_DIR=str(data_dir), TRAPLINE_DATABASE_URL=db_url)
-            if opts.nats_url:
-                env["TRAPLINE_NATS_URL"] = opts.nats_url
-            env.pop("TRAPLINE_LOG_LEVEL", None)
-            admin = last_line(
-                [trapline, "token", "create", "--name", "bench", "--role", "admin"], env
+        with fresh_database(database_url, data_dir) as db_url:
+            run_env = dict(
+                os.environ, TRAPLINE_DATA_DIR=str(data_dir), TRAPLINE_DATABASE_URL=db_url
             )
-            worker = last_line(
-                [trapline, "token", "create", "--name", "bench-w", "--role", "worker"], env
-            )
-            cluster = Cluster(data_dir, env)
+            run_env.update(env or {})
+            run_env.pop("TRAPLINE_LOG_LEVEL", None)
+            create = [trapline, "token", "create", "--name"]
+            admin = last_line([*create, "bench", "--role", "admin"], run_env)
+            project = ["--project", str(worker_project)] if worker_project is not None else []
+            worker = last_line([*create, "bench-w", "--role", "worker", *project], run_env)
+            cluster = Cluster(data_dir, run_env)
             try:
-                m = measure(cluster, opts, trapline, admin, worker)
+                m = measure(Site(data_dir, cluster, admin, worker))
             except BaseException:
                 keep = True  # the logs say what went wrong
                 raise
             finally:
                 problems = cluster.shutdown()
-                m["shutdown_problems"] = problems
                 if problems:
                     m["ok"] = False
+                    m["shutdown_problems"] = problems
     finally:
         if keep:
             say(f"  kept {data_dir} (logs, database)")
         else:
             shutil.rmtree(data_dir, ignore_errors=True)
     return m
+
+
+def one_run(opts: Options, trapline: str) -> Metrics:
+    return on_fresh_site(
+        trapline,
+        opts.database_url,
+        lambda site: measure(site.cluster, opts, trapline, site.admin, site.worker),
+        keep=opts.keep,
+        env={"TRAPLINE_NATS_URL": opts.nats_url} if opts.nats_url else None,
+    )
 
 
 def measure(c: Cluster, opts: Options, trapline: str, admin: str, worker: str) -> Metrics:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -45,7 +44,7 @@ from typing import Any, TextIO
 
 import httpx
 import procstat
-from bench_e2e import BenchError, Cluster, free_port, fresh_database, last_line, trapline_bin
+from bench_e2e import BenchError, Cluster, free_port, on_fresh_site, trapline_bin
 from PIL import Image
 
 Metrics = dict[str, Any]
@@ -203,35 +202,16 @@ class Options:
 
 
 def one_run(opts: Options, trapline: str, folder: Path, expected: dict[str, bytes]) -> Metrics:
-    data_dir = Path(tempfile.mkdtemp(prefix="trapline-bench-files-"))
-    keep = opts.keep
-    m: Metrics = {}
-    try:
-        with fresh_database(opts.database_url, data_dir) as db_url:
-            env = dict(os.environ, TRAPLINE_DATA_DIR=str(data_dir), TRAPLINE_DATABASE_URL=db_url)
-            env.pop("TRAPLINE_LOG_LEVEL", None)
-            env["TRAPLINE_ACK_WAIT_S"] = "3600"  # no lease lapses inside the window
-            admin = last_line([trapline, "token", "create", "--name", "b", "--role", "admin"], env)
-            worker = last_line(
-                [trapline, "token", "create", "--name", "bw", "--role", "worker"], env
-            )
-            cluster = Cluster(data_dir, env)
-            try:
-                m = measure(cluster, opts, trapline, folder, expected, admin, worker)
-            except BaseException:
-                keep = True  # the logs say what went wrong
-                raise
-            finally:
-                problems = cluster.shutdown()
-                if problems:
-                    m["ok"] = False
-                    m["shutdown_problems"] = problems
-    finally:
-        if keep:
-            say(f"  kept {data_dir} (logs, database)")
-        else:
-            shutil.rmtree(data_dir, ignore_errors=True)
-    return m
+    return on_fresh_site(
+        trapline,
+        opts.database_url,
+        lambda site: measure(
+            site.cluster, opts, trapline, folder, expected, site.admin, site.worker
+        ),
+        keep=opts.keep,
+        prefix="trapline-bench-files-",
+        env={"TRAPLINE_ACK_WAIT_S": "3600"},  # no lease lapses inside the window
+    )
 
 
 def measure(
